@@ -1,0 +1,176 @@
+"""Reconstruction quality and codebook usage of a checkpoint over a dataset.
+
+Metrics, all in [0, 1] pixel space after the model's de-normalisation (what a user sees):
+  mse        mean squared error per pixel value
+  nmse       mse / variance of the evaluated pixels (the seed's normalised reconstruction error)
+  psnr       10 log10(1 / mse), in dB
+  perplexity exp(entropy) of the code distribution over every token of the data
+  codes_used distinct codes chosen at least once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.quantizer import perplexity_of
+from model.vqvae import VQVAE
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ``ValueError``."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    return torch.device(requested)
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Edge-replicate padding on the bottom and right: (B, C, H, W) -> (B, C, H', W'), H', W' multiples."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return images
+    return F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+@torch.inference_mode()
+def reconstruct(model: VQVAE, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels in [0, 1] (B, C, H, W), any H, W -> (reconstructed pixels (B, C, H, W), indices (B, h, w)).
+
+    The images are padded to a multiple of the downsample factor and the reconstruction is
+    cropped back, so every size works.
+    """
+    height, width = pixels.shape[-2:]
+    padded = pad_to_multiple(pixels, model.config.downsample)
+    indices = model.encode(model.config.normalize(padded))
+    decoded = model.config.denormalize(model.decode(indices).float())
+    return decoded[..., :height, :width], indices
+
+
+@dataclass
+class MetricAccumulator:
+    """Running sums for ``mse``, ``nmse``, ``psnr``, ``perplexity`` and ``codes_used``."""
+
+    num_embeddings: int
+    squared_error: float = 0.0
+    values: int = 0
+    pixel_sum: float = 0.0
+    pixel_sq_sum: float = 0.0
+    images: int = 0
+    counts: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = torch.zeros(self.num_embeddings, dtype=torch.float64)
+
+    def add(self, original: torch.Tensor, reconstruction: torch.Tensor, indices: torch.Tensor) -> None:
+        """Add a batch: originals and reconstructions (B, C, H, W) in [0, 1], indices (B, h, w)."""
+        original = original.double()
+        self.squared_error += float((reconstruction.double() - original).pow(2).sum())
+        self.values += original.numel()
+        self.pixel_sum += float(original.sum())
+        self.pixel_sq_sum += float(original.pow(2).sum())
+        self.images += original.shape[0]
+        self.counts += torch.bincount(indices.flatten().cpu(), minlength=self.num_embeddings).double()
+
+    def result(self) -> dict[str, float | int]:
+        if self.values == 0:
+            raise ValueError("no images were evaluated")
+        mse = self.squared_error / self.values
+        mean = self.pixel_sum / self.values
+        variance = self.pixel_sq_sum / self.values - mean * mean  # E[x^2] - E[x]^2
+        return {
+            "mse": mse,
+            "nmse": mse / variance if variance > 0 else float("nan"),
+            "psnr": 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf"),  # peak value 1.0
+            "perplexity": float(perplexity_of(self.counts)),
+            "codes_used": int((self.counts > 0).sum()),
+            "num_embeddings": self.num_embeddings,
+            "images": self.images,
+            "data_variance": variance,
+        }
+
+
+def evaluate_images(model: VQVAE, images: Iterable[torch.Tensor], batch_size: int = 16) -> tuple[dict, torch.Tensor]:
+    """Metrics over ``images`` ((C, H, W) in [0, 1]); equal shapes are batched together.
+
+    Returns (metrics dict, per-code usage counts (K,)).
+    """
+    accumulator = MetricAccumulator(model.config.num_embeddings)
+    for batch in _batches_of_equal_shape(images, batch_size):
+        batch = batch.to(model.device)
+        reconstruction, indices = reconstruct(model, batch)
+        accumulator.add(batch, reconstruction, indices)
+    return accumulator.result(), accumulator.counts
+
+
+def _batches_of_equal_shape(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Group consecutive same-shaped (C, H, W) images into (B, C, H, W) batches of at most ``batch_size``."""
+    pending: list[torch.Tensor] = []
+    for image in images:
+        if pending and (image.shape != pending[0].shape or len(pending) == batch_size):
+            yield torch.stack(pending)
+            pending = []
+        pending.append(image)
+    if pending:
+        yield torch.stack(pending)
+
+
+def evaluate_spec(model: VQVAE, data: str, split: str = "heldout", crop: int | None = None,
+                  batch_size: int = 16, seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """Metrics of ``model`` on a data spec (see ``model.data.build_dataset``): full images or crops."""
+    from model import data as datasets  # deferred: the photo sources import scikit-image lazily
+
+    if crop is None:
+        images: Iterable[torch.Tensor] = (image for _, image in datasets.iter_full_images(data, split))
+    else:
+        dataset = datasets.build_dataset(data, crop, split, seed=seed)
+        images = (dataset[i] for i in range(len(dataset)))
+    metrics, counts = evaluate_images(model, images, batch_size)
+    metrics.update({"data": data, "split": split, "crop": crop})
+    return metrics, counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vqtok evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory")
+    parser.add_argument("--data", default="photos", help="'photos', 'cifar10:DIR' or an image folder")
+    parser.add_argument("--split", default="heldout", choices=("train", "heldout", "all"))
+    parser.add_argument("--crop", type=int, default=None,
+                        help="evaluate on random N x N crops instead of full (padded) images")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        checkpoint = load_checkpoint(args.checkpoint, device)
+        metrics, _ = evaluate_spec(checkpoint.model, args.data, args.split, args.crop, args.batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"vqtok evaluate: {exc}", file=sys.stderr)
+        return 2
+    metrics["checkpoint"] = str(checkpoint.path)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"checkpoint  {checkpoint.path}  ({checkpoint.name})")
+        print(f"data        {args.data} [{args.split}]  {metrics['images']} images"
+              + (f", {args.crop}x{args.crop} crops" if args.crop else ", full size"))
+        print(f"MSE         {metrics['mse']:.6f}   NMSE {metrics['nmse']:.4f}   PSNR {metrics['psnr']:.2f} dB")
+        print(f"perplexity  {metrics['perplexity']:.1f}   codes used {metrics['codes_used']}"
+              f" / {metrics['num_embeddings']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
