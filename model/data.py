@@ -586,10 +586,11 @@ class CropInfo(NamedTuple):
 class PhotoCrops(Dataset[torch.Tensor]):
     """``length`` random ``(3, S, S)`` crops of the bundled photos of one split.
 
-    Item ``i`` of epoch ``e`` picks a photo with probability proportional to its area, then a
-    uniform crop position, then (train split only) a horizontal flip with probability 1/2, all from
-    a generator seeded with ``(seed, e, i)``. Photos with a side shorter than ``S`` are upscaled
-    once (aspect kept). Only images of ``split`` are ever used: see :data:`PHOTO_HELDOUT`.
+    Item ``i`` of epoch ``e`` picks a photo uniformly (every photo equally often, so one large
+    photo with a wide black border cannot dominate training), then a uniform crop position, then
+    (train split only) a horizontal flip with probability 1/2, all from a generator seeded with
+    ``(seed, e, i)``. Photos with a side shorter than ``S`` are upscaled once (aspect kept).
+    Only images of ``split`` are ever used: see :data:`PHOTO_HELDOUT`.
     """
 
     def __init__(self, split: str, image_size: int, length: int, seed: int = 0) -> None:
@@ -606,8 +607,7 @@ class PhotoCrops(Dataset[torch.Tensor]):
         photos = load_photos(split)
         self.names = [name for name, _ in photos]
         self.arrays = [ensure_min_side(array, image_size) for _, array in photos]
-        areas = np.array([a.shape[0] * a.shape[1] for a in self.arrays], dtype=np.float64)
-        self.probs = areas / areas.sum()
+        self.probs = np.full(len(self.arrays), 1.0 / len(self.arrays))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the crops of ``epoch`` (call before iterating, like ``DistributedSampler``)."""
