@@ -102,18 +102,29 @@ def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.special.xlogy(probs, probs).sum())
 
 
-def kmeans(flat: torch.Tensor, num_clusters: int, iters: int) -> torch.Tensor:
-    """Lloyd's k-means. (N, D) float32 -> (num_clusters, D) centres.
-
-    Centres start at random rows (with replacement when N < num_clusters); an empty cluster keeps
-    its previous centre.
-    """
+def kmeans_plus_plus(flat: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """k-means++ seeding: (N, D) -> (num_clusters, D) rows, each drawn with probability ~ its squared
+    distance to the nearest centre chosen so far (spreads the centres over the data)."""
     n = flat.shape[0]
-    if n >= num_clusters:
-        start = torch.randperm(n, device=flat.device)[:num_clusters]
-    else:
-        start = torch.randint(0, n, (num_clusters,), device=flat.device)
-    centres = flat[start].clone()
+    chosen = [int(torch.randint(0, n, (1,), device=flat.device))]
+    nearest_sq = (flat - flat[chosen[0]]).pow(2).sum(dim=1)  # (N,) squared distance to the closest centre
+    for _ in range(num_clusters - 1):
+        total = nearest_sq.sum()
+        if float(total) <= 0:  # fewer distinct rows than clusters: repeat rows
+            pick = int(torch.randint(0, n, (1,), device=flat.device))
+        else:
+            pick = int(torch.multinomial(nearest_sq / total, 1))
+        chosen.append(pick)
+        nearest_sq = torch.minimum(nearest_sq, (flat - flat[pick]).pow(2).sum(dim=1))
+    return flat[torch.tensor(chosen, device=flat.device)].clone()
+
+
+def kmeans(flat: torch.Tensor, num_clusters: int, iters: int) -> torch.Tensor:
+    """Lloyd's k-means from k-means++ seeds. (N, D) float32 -> (num_clusters, D) centres.
+
+    An empty cluster keeps its previous centre.
+    """
+    centres = kmeans_plus_plus(flat, num_clusters)
     for _ in range(iters):
         assign = nearest_code(flat, centres)
         counts = torch.bincount(assign, minlength=num_clusters).float()

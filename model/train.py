@@ -144,6 +144,16 @@ def infinite_batches(dataset: Dataset, batch_size: int, seed: int, place: Distri
         epoch += 1
 
 
+def codebook_divergence(model: VQVAE, place: Distributed) -> float:
+    """Largest absolute difference between any rank's codebook and rank 0's (0.0 in one process)."""
+    if not place.enabled:
+        return 0.0
+    codebook = model.codebook.detach().float().contiguous()
+    gathered = [torch.empty_like(codebook) for _ in range(place.world_size)]
+    dist.all_gather(gathered, codebook)
+    return max(float((other - gathered[0]).abs().max()) for other in gathered)
+
+
 def save_trainer_state(path: Path, optimizer: torch.optim.Optimizer, step: int, epoch: int) -> None:
     """Optimizer, step and RNG states for --resume; written to a temp file and renamed (atomic)."""
     state = {
@@ -298,9 +308,11 @@ def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
         if metrics_file:
             metrics_file.close()
 
+    codebook_spread = codebook_divergence(model, place)
     final: dict[str, Any] = {}
     if place.is_main:
         final, counts = evaluate_heldout(model, heldout_set, config.batch_size)
+        final["ddp_codebook_max_abs_diff"] = codebook_spread
         _save(model, optimizer, config, model_config, checkpoint_dir, state_path, config.steps, epoch,
               started, final, counts, place, start_step)
         _write_figures(out, model, heldout_set, history)

@@ -1,0 +1,208 @@
+"""The VQ-VAE and its quantizers: shapes, the EMA rule by hand, restarts, search, round trips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model import quantizer as quantizer_module
+from model.config import VQVAEConfig
+from model.quantizer import VectorQuantizer, VectorQuantizerEMA, kmeans, nearest_code, perplexity_of
+from model.vqvae import VQVAE
+
+TINY = {"num_hiddens": 16, "num_residual_hiddens": 8, "embedding_dim": 8, "num_embeddings": 32}
+
+
+@pytest.mark.parametrize("downsample", [4, 8, 16])
+@pytest.mark.parametrize(("height", "width"), [(48, 80), (16 * 3, 16 * 7), (32, 32)])
+def test_shapes_for_every_downsample_factor(downsample: int, height: int, width: int) -> None:
+    model = VQVAE(VQVAEConfig(downsample=downsample, **TINY))
+    x = torch.randn(2, 3, height, width)
+    out = model(x)
+    assert out.reconstruction.shape == (2, 3, height, width)
+    assert out.indices.shape == (2, height // downsample, width // downsample)
+    assert out.indices.dtype == torch.long
+    assert model.encode(x).shape == (2, height // downsample, width // downsample)
+    assert model.codebook.shape == (32, 8)
+    assert out.vq_loss.dim() == 0 and 1.0 <= float(out.perplexity) <= 32.0
+
+
+@pytest.mark.parametrize(("downsample", "height", "width"), [(4, 30, 32), (8, 36, 40), (16, 32, 40)])
+def test_sizes_that_are_not_multiples_are_refused(downsample: int, height: int, width: int) -> None:
+    model = VQVAE(VQVAEConfig(downsample=downsample, **TINY))
+    with pytest.raises(ValueError, match=f"multiples of the downsample factor {downsample}, got {height}x{width}"):
+        model.encode(torch.randn(1, 3, height, width))
+
+
+def test_bad_config_values_name_the_field() -> None:
+    with pytest.raises(ValueError, match="downsample must be 4, 8 or 16, got 2"):
+        VQVAEConfig(downsample=2)
+    with pytest.raises(ValueError, match="num_embeddings must be >= 1"):
+        VQVAEConfig(num_embeddings=0)
+    with pytest.raises(ValueError, match="unknown config key\\(s\\): colour"):
+        VQVAEConfig.from_dict({"colour": 1})
+    config = VQVAEConfig(downsample=8, pixel_mean=(0.1, 0.2, 0.3))
+    assert VQVAEConfig.from_dict(config.to_dict()) == config
+
+
+def test_every_residual_block_has_its_own_weights() -> None:
+    model = VQVAE(VQVAEConfig(num_residual_layers=3, **TINY))
+    for stack in (model.encoder.residual_stack, model.decoder.residual_stack):
+        ids = {id(layer.conv3.weight) for layer in stack.layers}
+        assert len(ids) == 3
+
+
+def test_decode_of_encode_equals_forward_reconstruction_in_eval_mode() -> None:
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(**TINY)).eval()
+    x = torch.randn(3, 3, 32, 48)
+    with torch.no_grad():
+        forward = model(x)
+        indices = model.encode(x)
+        decoded = model.decode(indices)
+    assert torch.equal(indices, forward.indices)
+    assert torch.equal(decoded, forward.reconstruction)
+
+
+def test_indices_image_indices_round_trip_keeps_the_grid() -> None:
+    torch.manual_seed(1)
+    model = VQVAE(VQVAEConfig(**TINY)).eval()
+    grid = torch.randint(0, 32, (2, 5, 7))
+    with torch.no_grad():
+        image = model.decode(grid)
+        again = model.encode(image)
+    assert image.shape == (2, 3, 20, 28)
+    assert again.shape == grid.shape
+
+
+def test_decode_names_the_first_bad_index() -> None:
+    model = VQVAE(VQVAEConfig(**TINY))
+    grid = torch.zeros(1, 2, 3, dtype=torch.long)
+    grid[0, 1, 2] = 32
+    with pytest.raises(ValueError, match=r"index 32 at \[0, 1, 2\] is outside \[0, 32\)"):
+        model.decode(grid)
+    with pytest.raises(ValueError, match="expected integer indices"):
+        model.decode(grid.float())
+    with pytest.raises(ValueError, match=r"expected indices of shape \(B, h, w\)"):
+        model.decode(grid[0])
+
+
+def test_nearest_code_matches_brute_force_and_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(2)
+    flat, codebook = torch.randn(1000, 16), torch.randn(100, 16)
+    expected = torch.cdist(flat, codebook).argmin(dim=1)
+    assert torch.equal(nearest_code(flat, codebook), expected)
+    monkeypatch.setattr(quantizer_module, "_DISTANCE_CHUNK_ELEMENTS", 100 * 7)  # 7 rows per chunk
+    assert torch.equal(nearest_code(flat, codebook), expected)
+
+
+def test_perplexity_is_k_for_uniform_use_and_1_for_one_code() -> None:
+    assert math.isclose(float(perplexity_of(torch.ones(64))), 64.0, rel_tol=1e-5)
+    assert math.isclose(float(perplexity_of(torch.tensor([0.0, 5.0, 0.0]))), 1.0, rel_tol=1e-6)
+
+
+def _ema_quantizer(
+    codebook: torch.Tensor, cluster_size: torch.Tensor, decay: float, window: int = 0
+) -> VectorQuantizerEMA:
+    quantizer = VectorQuantizerEMA(codebook.shape[0], codebook.shape[1], commitment_cost=0.25,
+                                   decay=decay, epsilon=1e-5, dead_code_window=window)
+    quantizer.embedding.copy_(codebook)
+    quantizer.ema_embedding_sum.copy_(codebook * cluster_size[:, None])
+    quantizer.ema_cluster_size.copy_(cluster_size)
+    return quantizer
+
+
+def test_ema_update_against_a_hand_computed_case() -> None:
+    quantizer = _ema_quantizer(torch.tensor([[0.0, 0.0], [10.0, 10.0]]), torch.tensor([1.0, 1.0]), decay=0.5)
+    # Three latents (B=1, D=2, H=1, W=3): [1,1] and [3,3] pick code 0, [9,9] picks code 1.
+    inputs = torch.tensor([[1.0, 1.0], [3.0, 3.0], [9.0, 9.0]]).t().reshape(1, 2, 1, 3)
+    out = quantizer.train()(inputs)
+
+    assert out.indices.tolist() == [[[0, 0, 1]]]
+    # The output uses the codebook from before this step's update.
+    assert torch.equal(out.quantized, torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 10.0]]).t().reshape(1, 2, 1, 3))
+    # Commitment loss only: 0.25 * mean((z - e)^2) = 0.25 * (1+1+9+9+1+1)/6.
+    assert math.isclose(float(out.loss), 0.25 * 22 / 6, rel_tol=1e-6)
+    # N = 0.5*[1, 1] + 0.5*[2, 1] = [1.5, 1.0];  m = 0.5*[[0,0],[10,10]] + 0.5*[[4,4],[9,9]] = [[2,2],[9.5,9.5]]
+    assert torch.allclose(quantizer.ema_cluster_size, torch.tensor([1.5, 1.0]))
+    assert torch.allclose(quantizer.ema_embedding_sum, torch.tensor([[2.0, 2.0], [9.5, 9.5]]))
+    eps, total = 1e-5, 2.5
+    smoothed = (torch.tensor([1.5, 1.0]) + eps) / (total + 2 * eps) * total
+    expected = torch.tensor([[2.0, 2.0], [9.5, 9.5]]) / smoothed[:, None]
+    assert torch.allclose(quantizer.embedding, expected, atol=1e-6)
+    assert math.isclose(float(quantizer.embedding[0, 0]), 2.0 / 1.5, rel_tol=1e-4)
+
+    before = quantizer.embedding.clone()
+    quantizer.eval()(inputs)  # eval mode never touches the codebook
+    assert torch.equal(quantizer.embedding, before)
+
+
+def test_restarts_reseed_only_dead_codes_from_the_batch() -> None:
+    quantizer = VectorQuantizer(4, 2, commitment_cost=0.25, dead_code_window=2).train()
+    codebook = torch.tensor([[0.0, 0.0], [100.0, 100.0], [200.0, 200.0], [5.0, 5.0]])
+    quantizer.embedding.data.copy_(codebook)
+    inputs = torch.tensor([[0.1, 0.2], [4.9, 5.1], [0.3, 0.0], [5.2, 4.8]]).t().reshape(1, 2, 2, 2)
+    batch_rows = {tuple(row) for row in inputs.permute(0, 2, 3, 1).reshape(-1, 2).tolist()}
+
+    quantizer(inputs)  # step 1: codes 1 and 2 unused for one step, not yet dead
+    assert torch.equal(quantizer.embedding.data, codebook)
+    quantizer(inputs)  # step 2: unused for two steps -> re-seeded
+    after = quantizer.embedding.data
+    assert torch.equal(after[0], codebook[0]) and torch.equal(after[3], codebook[3])
+    assert tuple(after[1].tolist()) in batch_rows and tuple(after[2].tolist()) in batch_rows
+    assert quantizer.steps_since_used.tolist() == [0, 0, 0, 0]
+    assert quantizer.restarts_total == 2
+
+    quantizer.eval()(inputs * 50)  # eval mode: no restarts, whatever happens
+    assert quantizer.restarts_total == 2
+
+
+def test_ema_restart_keeps_the_reseeded_vector_until_used() -> None:
+    quantizer = _ema_quantizer(torch.tensor([[0.0, 0.0], [50.0, 50.0]]), torch.tensor([1.0, 1.0]),
+                               decay=0.9, window=1)
+    inputs = torch.tensor([[1.0, 1.0], [1.0, 1.5]]).t().reshape(1, 2, 1, 2)
+    quantizer.train()(inputs)
+    assert quantizer.restarts_total == 1
+    reseeded = quantizer.embedding[1].clone()
+    assert tuple(reseeded.tolist()) in {(1.0, 1.0), (1.0, 1.5)}
+    assert torch.allclose(quantizer.ema_embedding_sum[1] / quantizer.ema_cluster_size[1], reseeded)
+
+
+def test_kmeans_init_places_codes_on_the_data() -> None:
+    torch.manual_seed(3)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    data = torch.cat([c + 0.1 * torch.randn(200, 2) for c in centres])
+    found = kmeans(data, 3, iters=20)
+    distances = torch.cdist(centres, found).min(dim=1).values
+    assert float(distances.max()) < 0.5
+
+    quantizer = VectorQuantizerEMA(3, 2, commitment_cost=0.25, kmeans_init=True, kmeans_iters=20)
+    assert not bool(quantizer.initialized)
+    quantizer.train()(data.t().reshape(1, 2, 1, -1))
+    assert bool(quantizer.initialized)
+    assert float(torch.cdist(centres, quantizer.embedding).min(dim=1).values.max()) < 0.5
+
+
+def test_quantizer_stays_float32_under_bf16_autocast() -> None:
+    model = VQVAE(VQVAEConfig(**TINY)).train()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = model(x)
+        latents = model.latents(x)
+        quantized = model.quantizer(latents)
+    assert latents.dtype == torch.bfloat16  # the convolutions ran in bf16
+    assert quantized.quantized.dtype == torch.float32
+    assert model.quantizer.embedding.dtype == torch.float32
+    assert out.vq_loss.dtype == torch.float32
+
+
+def test_straight_through_passes_gradients_to_the_encoder() -> None:
+    model = VQVAE(VQVAEConfig(quantizer="plain", **TINY)).train()
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x)
+    (out.reconstruction.pow(2).mean() + out.vq_loss).backward()
+    assert model.encoder.downsamples[0].weight.grad is not None
+    assert float(model.encoder.downsamples[0].weight.grad.abs().sum()) > 0
+    assert float(model.quantizer.embedding.grad.abs().sum()) > 0  # codebook loss reaches the codes
