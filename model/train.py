@@ -53,6 +53,8 @@ class TrainConfig:
       steps: optimizer steps.
       batch_size: images per step per process.
       lr: Adam learning rate (the seed's 1e-3).
+      lr_schedule: "constant" (the seed) or "cosine" decay to 0 after a linear warm-up.
+      warmup_steps: linear warm-up steps of the cosine schedule.
       image_size: side of the square training crops; a multiple of the downsample factor.
       seed: seeds the model initialisation, the crops and the codebook restarts.
       device: auto, cpu or cuda.
@@ -70,6 +72,8 @@ class TrainConfig:
     steps: int = 5000
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = 200
     image_size: int = 32
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -142,6 +146,16 @@ def infinite_batches(dataset: Dataset, batch_size: int, seed: int, place: Distri
         for batch in loader:
             yield epoch, batch
         epoch += 1
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based)."""
+    if config.lr_schedule == "constant":
+        return 1.0
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine from 1 down to 0
 
 
 def codebook_divergence(model: VQVAE, place: Distributed) -> float:
@@ -232,6 +246,8 @@ def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         start_step, start_epoch = int(state["step"]), int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step),
+                                                  last_epoch=start_step - 1 if start_step else -1)
     model.train()
     # Each rank gets its own crops; the quantizer keeps the codebook identical across ranks itself.
     torch.manual_seed(config.seed + 1 + place.rank)
@@ -271,6 +287,7 @@ def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             window_images += pixels.shape[0] * place.world_size
             progress.update(1)
 
@@ -284,6 +301,7 @@ def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
                     "perplexity": float(output.perplexity),
                     "codes_used": int(output.codes_used),
                     "restarts": model.quantizer.restarts_total,
+                    "lr": scheduler.get_last_lr()[0],
                     "images_per_s": window_images / max(elapsed, 1e-9),
                 }
                 window_start, window_images = time.perf_counter(), 0
