@@ -112,7 +112,8 @@ def test_unknown_config_key(saved: tuple[Path, VQVAEConfig]) -> None:
 def test_shape_mismatch_names_the_tensor(saved: tuple[Path, VQVAE]) -> None:
     path, _ = saved
     _edit_config(path, lambda r: r["config"].update(num_embeddings=64))
-    with pytest.raises(CheckpointError, match=r"tensor 'quantizer\.steps_since_used' has shape \(32,\), .* needs \(64,\)"):
+    expected = r"tensor 'quantizer\.steps_since_used' has shape \(32,\), .* needs \(64,\)"
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(path)
 
 
