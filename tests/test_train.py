@@ -1,0 +1,122 @@
+"""Offline training: a short run learns, resumes, writes its outputs; DDP keeps codebooks identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import load_checkpoint
+from model.evaluate import main as evaluate_main
+from service.cli import main as vqtok
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FLAGS = [
+    "--num-hiddens", "16", "--num-residual-hiddens", "8", "--embedding-dim", "8", "--num-embeddings", "32",
+    "--image-size", "16", "--batch-size", "16", "--heldout-crops", "16", "--data", "photos",
+]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "run"
+    code = vqtok(["train", *TINY_FLAGS, "--steps", "120", "--log-every", "20", "--eval-every", "60",
+                  "--checkpoint-every", "60", "--lr", "2e-3", "--dead-code-window", "10", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_a_short_run_lowers_the_loss_and_uses_the_codebook(short_run: Path) -> None:
+    steps = [m for m in _metrics(short_run) if "recon_mse" in m]
+    assert [m["step"] for m in steps] == [20, 40, 60, 80, 100, 120]
+    assert steps[-1]["recon_mse"] < 0.5 * steps[0]["recon_mse"]
+    assert steps[-1]["codes_used"] > 8  # restarts brought dead codes back
+    assert steps[-1]["restarts"] > 0
+    assert any("heldout" in m for m in _metrics(short_run))  # the periodic held-out evaluation ran
+
+
+def test_the_run_writes_a_loadable_checkpoint_and_figures(short_run: Path) -> None:
+    checkpoint = load_checkpoint(short_run / "checkpoint")
+    record = checkpoint.metadata
+    assert record["steps"] == 120
+    assert record["data"]["kind"] == "photos"
+    assert record["training"]["lr"] == 2e-3
+    assert len(record["codebook_usage"]) == 32 and sum(record["codebook_usage"]) > 0
+    assert {"mse", "psnr", "codes_used"} <= set(record["metrics"]["heldout_crops"])
+    assert checkpoint.config.num_embeddings == 32
+    for figure in ("training.png", "reconstructions.png"):
+        assert (short_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_continues_from_the_saved_step(short_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resumed"
+    assert vqtok(["train", *TINY_FLAGS, "--steps", "20", "--log-every", "10", "--eval-every", "0",
+                  "--out", str(out)]) == 0
+    assert vqtok(["train", *TINY_FLAGS, "--steps", "30", "--log-every", "10", "--eval-every", "0",
+                  "--out", str(out), "--resume"]) == 0
+    steps = [m["step"] for m in _metrics(out) if "recon_mse" in m]
+    assert steps == [10, 20, 30]
+    assert load_checkpoint(out / "checkpoint").metadata["resumed_from_step"] == 20
+
+
+def test_train_refuses_bad_flags_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert vqtok(["train", "--image-size", "30", "--out", str(tmp_path)]) == 2
+    assert "--image-size 30 must be a multiple of --downsample 4" in capsys.readouterr().err
+    assert vqtok(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_environment_variables_set_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from model.train import build_parser
+
+    monkeypatch.setenv("VQTOK_TRAIN_STEPS", "77")
+    monkeypatch.setenv("VQTOK_MODEL_DOWNSAMPLE", "8")
+    args = build_parser().parse_args(["--batch-size", "3"])
+    assert (args.steps, args.downsample, args.batch_size) == (77, 8, 3)
+    assert build_parser().parse_args(["--steps", "5"]).steps == 5  # a flag beats the environment
+
+
+def test_evaluate_json_reports_the_documented_keys(short_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate_main(["--checkpoint", str(short_run / "checkpoint"), "--data", "photos", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"mse", "nmse", "psnr", "perplexity", "codes_used", "num_embeddings"} <= set(report)
+    assert report["num_embeddings"] == 32 and report["images"] == 3  # the three held-out photos, full size
+    assert evaluate_main(["--checkpoint", str(short_run / "checkpoint"), "--crop", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 512
+
+
+def test_evaluate_names_a_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert evaluate_main(["--checkpoint", str(tmp_path / "none")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ends_with_identical_codebooks(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "model.train", *TINY_FLAGS, "--steps", "30",
+        "--log-every", "10", "--eval-every", "0", "--dead-code-window", "5", "--device", "cpu", "--out", str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = load_checkpoint(out / "checkpoint").metadata
+    assert record["hardware"]["processes"] == 2
+    assert record["metrics"]["heldout_crops"]["ddp_codebook_max_abs_diff"] == 0.0
+    assert max(m["restarts"] for m in _metrics(out) if "restarts" in m) > 0  # restarts ran, synchronised
