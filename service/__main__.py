@@ -1,0 +1,50 @@
+"""``vqtok serve`` / ``python -m service``: run the service under uvicorn, one process owning the model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from model.checkpoint import CheckpointError, read_checkpoint_record
+from service.settings import add_settings_arguments, settings_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqtok serve",
+        description="Serve a VQ-VAE tokenizer over HTTP. Every flag is also a VQTOK_* environment variable.",
+    )
+    add_settings_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, ValueError) as exc:
+        print(f"vqtok serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        read_checkpoint_record(settings.checkpoint)  # fail before binding a port, with the file's own message
+    except CheckpointError as exc:
+        print(f"vqtok serve: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    # One process, one model: no workers, no reload.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

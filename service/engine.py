@@ -1,0 +1,135 @@
+"""The loaded model and its two batch operations, run on the one inference thread.
+
+``Engine`` owns the checkpoint, the device and the precision policy: ``torch.inference_mode``
+always; on CUDA channels_last and bf16 autocast for the convolutions while the nearest-code search
+runs in float32. It does no HTTP and no batching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.quantizer import perplexity_of
+from service.schemas import ModelIdentity
+
+logger = logging.getLogger("service.engine")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ``RuntimeError``."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+    return torch.device(choice)
+
+
+class Engine:
+    """A checkpoint on a device, with batch encode/decode in the service's precision policy."""
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+        self.model = checkpoint.model
+        self.config = checkpoint.config
+        self.autocast_dtype: torch.dtype | None = torch.bfloat16 if device.type == "cuda" else None
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(cls, path: Path, device_choice: str) -> Engine:
+        device = resolve_device(device_choice)
+        checkpoint = load_checkpoint(path, device)
+        logger.info("loaded checkpoint %s (%s) on %s", checkpoint.name, checkpoint.weights_sha256[:12], device)
+        return cls(checkpoint, device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.autocast_dtype or torch.float32).removeprefix("torch.")
+
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(
+            name=self.checkpoint.name,
+            weights_sha256=self.checkpoint.weights_sha256,
+            num_embeddings=self.config.num_embeddings,
+            embedding_dim=self.config.embedding_dim,
+            downsample=self.config.downsample,
+        )
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.autocast_dtype is None:
+            yield
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                yield
+
+    @torch.inference_mode()
+    def encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 RGB on the CPU -> (B, H/f, W/f) int64 indices on the CPU."""
+        x = pixels.to(self.device, non_blocking=True).float().div_(255.0)
+        x = self.config.normalize(x)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.model.check_images(x)
+        with self._autocast():
+            latents = self.model.latents(x)  # (B, D, h, w)
+        # Nearest-code search outside autocast, in float32: bf16 distances pick wrong codes.
+        indices = self.model.quantizer.quantize_indices(latents.float())
+        return indices.cpu()
+
+    @torch.inference_mode()
+    def decode_batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) int64 indices in [0, K) on the CPU -> (B, h*f, w*f, 3) uint8 RGB on the CPU."""
+        grids = indices.to(self.device, non_blocking=True)
+        with self._autocast():
+            x = self.model.decode(grids)  # (B, 3, H, W)
+        pixels = self.config.denormalize(x.float()).mul_(255.0).round_().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).contiguous().cpu()
+
+    def warm_up(self, batch_size: int, side: int) -> None:
+        """One encode and one decode at ``batch_size`` x ``side`` x ``side``, so the first request is not slow."""
+        f = self.config.downsample
+        side = max(f, side // f * f)
+        pixels = torch.randint(0, 256, (batch_size, 3, side, side), dtype=torch.uint8)
+        indices = self.encode_batch(pixels)
+        self.decode_batch(indices)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def codebook_usage(self) -> tuple[list[int] | None, float | None, int | None]:
+        """(usage counts, perplexity, codes used) recorded in the checkpoint, each None if absent."""
+        metadata = self.checkpoint.metadata
+        usage = metadata.get("codebook_usage")
+        counts: list[int] | None = None
+        if isinstance(usage, list) and len(usage) == self.config.num_embeddings:
+            with contextlib.suppress(TypeError, ValueError):
+                counts = [int(c) for c in usage]
+        perplexity: float | None = None
+        metrics = metadata.get("metrics")
+        recorded = metadata.get("perplexity", metrics.get("perplexity") if isinstance(metrics, dict) else None)
+        if isinstance(recorded, int | float) and math.isfinite(recorded):
+            perplexity = float(recorded)
+        elif counts is not None and sum(counts) > 0:
+            perplexity = float(perplexity_of(torch.tensor(counts, dtype=torch.float64)))
+        codes_used = sum(1 for c in counts if c > 0) if counts is not None else None
+        return counts, perplexity, codes_used
+
+    def codebook_vectors(self) -> torch.Tensor:
+        """(K, D) float32 codebook on the CPU."""
+        with torch.inference_mode():
+            return self.model.codebook.detach().float().cpu().clone()
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """Path and the JSON-friendly training metadata, without the bulky usage counts."""
+        skip = {"codebook_usage", "weights_sha256", "weights_file"}
+        extra = {k: v for k, v in self.checkpoint.metadata.items() if k not in skip}
+        return {"path": str(self.checkpoint.path), **extra}

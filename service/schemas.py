@@ -1,0 +1,168 @@
+"""The HTTP contract as pydantic models; FastAPI publishes them in the OpenAPI document at /docs.
+
+Conventions: sizes are ``{"width", "height"}`` objects; grids are ``[h, w]``; ``indices`` are raw
+codebook indices in ``[0, K)``; ``tokens`` are the LLM-facing flat sequence (see ``service.tokens``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.imaging import FitMode, OutputFormat
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer."""
+
+    error: str = Field(description="what was wrong and where", examples=["indices[0][3][5] = 600 is outside [0, 512)"])
+    error_type: str = Field(description="kind of error", examples=["invalid_request"])
+
+
+class ModelIdentity(BaseModel):
+    """Which tokenizer produced or reads the tokens: compare ``weights_sha256`` before mixing token sets."""
+
+    name: str
+    weights_sha256: str
+    num_embeddings: int = Field(description="K: indices are in [0, K)")
+    embedding_dim: int = Field(description="D: size of one codebook vector")
+    downsample: int = Field(description="f: image side / grid side")
+
+
+class ImageSize(BaseModel):
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
+class EncodeOptions(BaseModel):
+    """Options of ``POST /encode``, as query parameters, multipart form fields or JSON body fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: str | None = Field(
+        None, description="target size 'N' (square) or 'WxH', multiples of the downsample factor; "
+        "default: the server's default_size, else each image's own size", examples=["256", "320x240"],
+    )
+    fit: FitMode = Field(
+        "pad", description="pad: keep the aspect, pad bottom/right with replicated edge pixels (content_size "
+        "says what to crop back); crop: cover and centre-crop; resize: stretch; none: refuse sizes that are not "
+        "multiples of the downsample factor",
+    )
+    offset: int = Field(
+        0, ge=0, description="added to every index in `tokens` (placing image tokens in an LLM vocabulary)"
+    )
+    bos: int | None = Field(None, ge=0, description="begin-of-image id put before `tokens`")
+    eos: int | None = Field(None, ge=0, description="end-of-image id put after `tokens`")
+    tokens: bool = Field(False, description="include `tokens` (implied by offset, bos or eos)")
+
+    @property
+    def want_tokens(self) -> bool:
+        return self.tokens or self.offset != 0 or self.bos is not None or self.eos is not None
+
+
+class EncodeJSONRequest(EncodeOptions):
+    """``POST /encode`` with ``Content-Type: application/json``; option fields here override the query."""
+
+    images: list[str] = Field(description="base64 image files (PNG, JPEG, WebP, GIF, BMP, TIFF); data: URLs accepted")
+
+
+class EncodedImage(BaseModel):
+    indices: list[list[int]] = Field(description="h x w grid of raw codebook indices in [0, K), row-major")
+    grid: tuple[int, int] = Field(description="[h, w]")
+    original_size: ImageSize = Field(description="the uploaded image")
+    encoded_size: ImageSize = Field(description="what the model saw: grid * downsample")
+    content_size: ImageSize = Field(
+        description="top-left region of the encoded image holding the picture; send it as /decode crop_to"
+    )
+    tokens: list[int] | None = Field(
+        None, description="flat row-major sequence: [bos] + (indices + offset) + [eos]; present when asked for"
+    )
+
+
+class EncodeResponse(BaseModel):
+    model: ModelIdentity
+    fit: FitMode
+    offset: int
+    bos: int | None
+    eos: int | None
+    images: list[EncodedImage]
+
+
+class DecodeRequest(BaseModel):
+    """``POST /decode``: one or several grids as ``indices``, or as flat ``tokens`` with their ``grid``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    indices: list[list[list[int]]] | list[list[int]] | None = Field(
+        None, description="one h x w grid, or a list of grids; `offset` is subtracted from every value"
+    )
+    tokens: list[list[int]] | list[int] | None = Field(
+        None, description="one flat sequence (or a list of them) as an LLM produced it; a leading `bos` and a "
+        "trailing `eos` are stripped when present, then `offset` is subtracted",
+    )
+    grid: tuple[int, int] | None = Field(None, description="[h, w] of every `tokens` sequence")
+    offset: int = Field(0, ge=0)
+    bos: int | None = Field(None, ge=0)
+    eos: int | None = Field(None, ge=0)
+    format: OutputFormat = Field("png", description="image format of the answer")
+    quality: int = Field(95, ge=1, le=100, description="JPEG / WebP quality")
+    crop_to: ImageSize | list[ImageSize] | None = Field(
+        None, description="the content_size /encode reported (one for all grids, or one per grid): "
+        "the decoded image is cropped to its top-left region of that size",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DecodeRequest:
+        if (self.indices is None) == (self.tokens is None):
+            raise ValueError("give exactly one of 'indices' or 'tokens'")
+        if self.tokens is not None and self.grid is None:
+            raise ValueError("'tokens' needs 'grid': [h, w]")
+        return self
+
+
+class DecodedImage(BaseModel):
+    image: str = Field(description="base64 image file")
+    media_type: str
+    width: int
+    height: int
+    grid: tuple[int, int]
+
+
+class DecodeResponse(BaseModel):
+    """Several grids: JSON with base64 images (one grid answers with the image bytes themselves)."""
+
+    model: ModelIdentity
+    images: list[DecodedImage]
+
+
+class CodebookResponse(BaseModel):
+    model: ModelIdentity
+    num_embeddings: int
+    embedding_dim: int
+    downsample: int
+    usage: list[int] | None = Field(description="per-code counts recorded at training time, if the checkpoint has them")
+    perplexity: float | None = Field(description="exp(entropy) of the usage distribution (K = perfectly even)")
+    codes_used: int | None = Field(description="codes with a non-zero usage count")
+    vectors: list[list[float]] | None = Field(None, description="(K, D) codebook, with ?include=vectors")
+
+
+class InfoResponse(BaseModel):
+    model: ModelIdentity
+    config: dict[str, Any] = Field(description="the checkpoint's full model config")
+    checkpoint: dict[str, Any] = Field(description="path and training metadata recorded in the checkpoint")
+    device: str
+    dtype: str = Field(description="compute dtype of the convolutions (the quantizer always runs in float32)")
+    limits: dict[str, Any]
+    auth: bool = Field(description="whether an API key is required")
+    version: str
+    ready: bool
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    status: str

@@ -1,0 +1,120 @@
+"""Every knob of the service: one pydantic-settings class, read from ``VQTOK_*`` environment variables.
+
+The ``vqtok serve`` flags are generated from the same fields (``add_settings_arguments``), so a flag,
+its environment variable and its default can never drift apart: ``--max-batch-size`` is
+``VQTOK_MAX_BATCH_SIZE`` is ``Settings.max_batch_size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.checkpoint import DEFAULT_CHECKPOINT
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+def _port_from_environment() -> int:
+    """Container platforms set a plain ``PORT``; ``VQTOK_PORT`` (read by pydantic-settings) wins over it."""
+    raw = os.environ.get("PORT", "").strip()
+    if not raw:
+        return 8000
+    if not raw.isdigit():
+        raise ValueError(f"PORT must be an integer, got {raw!r}")
+    return int(raw)
+
+
+class Settings(BaseSettings):
+    """Service configuration. Each field is the environment variable ``VQTOK_<FIELD NAME IN CAPITALS>``."""
+
+    model_config = SettingsConfigDict(env_prefix="VQTOK_", extra="forbid", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(
+        default_factory=_port_from_environment, ge=0, le=65535,
+        description="TCP port (falls back to $PORT when VQTOK_PORT is unset, else 8000)",
+    )
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory (model.safetensors + config.json)")
+    device: DeviceChoice = Field("auto", description="auto picks cuda when available, else cpu")
+    api_key: SecretStr | None = Field(
+        None, description="when set, every endpoint but /health, /ready and /metrics needs 'Authorization: Bearer KEY'"
+    )
+    max_batch_size: int = Field(16, ge=1, le=1024, description="images or grids per forward pass")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a request waits for others to batch with")
+    max_queue_depth: int = Field(
+        256, ge=1, description="images/grids waiting for the model; past it requests fail fast with 429"
+    )
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request body limit, counted while reading")
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="pixels per uploaded image, checked from the header before decoding"
+    )
+    max_images_per_request: int = Field(64, ge=1, description="images per /encode, grids per /decode")
+    max_tokens_per_grid: int = Field(
+        65_536, ge=1, description="h*w of one token grid, for /encode results and /decode inputs alike"
+    )
+    default_size: str | None = Field(
+        None, description="target size ('N' or 'WxH') for /encode requests that give none; "
+        "unset keeps each image's size"
+    )
+    warmup: bool = Field(True, description="run one max_batch_size batch through encode and decode at startup")
+    warmup_size: int = Field(256, ge=16, le=4096, description="side of the warm-up images")
+    log_level: LogLevel = Field("info", description="logging level of the service and uvicorn")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.max_images_per_request > self.max_queue_depth:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue_depth "
+                f"({self.max_queue_depth}): such a request could never be queued"
+            )
+        if self.default_size is not None:
+            from service.imaging import parse_size  # local: imaging imports numpy/PIL, settings stays light
+
+            parse_size(self.default_size)
+        return self
+
+    def limits(self) -> dict[str, Any]:
+        """The request limits and batching knobs, as /info publishes them."""
+        names = (
+            "max_batch_size", "max_wait_ms", "max_queue_depth", "max_body_bytes", "max_pixels",
+            "max_images_per_request", "max_tokens_per_grid", "default_size",
+        )
+        return {name: getattr(self, name) for name in names}
+
+
+def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
+    """argparse ``type`` and ``choices`` for a field annotation (``X | None`` counts as ``X``)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return str, [str(a) for a in get_args(annotation)]
+    if args and len(args) == 1:
+        return _flag_type(args[0])
+    if annotation in (int, float, Path):
+        return annotation, None
+    return str, None
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per ``Settings`` field; unset flags stay absent so environment variables still apply."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "VQTOK_" + name.upper()
+        help_text = f"{field.description} [env {env}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        flag_type, choices = _flag_type(field.annotation)
+        parser.add_argument(flag, type=flag_type, choices=choices, default=argparse.SUPPRESS, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """``Settings`` from the environment, overridden by the flags given on the command line."""
+    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    return Settings(**overrides)
