@@ -134,7 +134,8 @@ async def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
         if e.get("type") == "json_invalid":
             position = e["loc"][-1] if e.get("loc") else "?"
             reason = (e.get("ctx") or {}).get("error", e.get("msg", "invalid"))
-            return error_response(400, "bad_request", f"request body is not valid JSON: {reason} at character {position}")
+            message = f"request body is not valid JSON: {reason} at character {position}"
+            return error_response(400, "bad_request", message)
     return error_response(422, "validation_error", describe_validation_errors(errors))
 
 

@@ -138,7 +138,7 @@ def decode_image(data: bytes, max_pixels: int, where: str) -> np.ndarray:
         raise UnsupportedMediaType(f"{where}: looks like {fmt} but Pillow cannot identify it") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadRequest(f"{where}: truncated or corrupt {fmt} image ({exc})") from exc
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
 
 
 def _resize(pixels: np.ndarray, size: Size) -> np.ndarray:
@@ -146,7 +146,7 @@ def _resize(pixels: np.ndarray, size: Size) -> np.ndarray:
     if (pixels.shape[1], pixels.shape[0]) == (size.width, size.height):
         return pixels
     image = Image.fromarray(pixels).resize((size.width, size.height), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)
 
 
 def _pad_edges(pixels: np.ndarray, size: Size) -> np.ndarray:

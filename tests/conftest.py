@@ -15,7 +15,7 @@ from PIL import Image
 # ------------------------------------------------------------------------------------------------
 
 
-def _train_tiny_checkpoint(directory: Path, steps: int = 120) -> Path:
+def _train_tiny_checkpoint(directory: Path, steps: int = 300) -> Path:
     """A small VQ-VAE trained for ``steps`` quick steps on random crops of a real photo, saved as a checkpoint.
 
     A trained codebook matters: an untrained one maps most patches to a handful of codes, so round
@@ -56,10 +56,28 @@ def _train_tiny_checkpoint(directory: Path, steps: int = 120) -> Path:
     )
 
 
+# Bump when _train_tiny_checkpoint changes: the trained checkpoint is cached under .pytest_cache by this key.
+_TINY_RECIPE = "test-tiny-v1-300-steps"
+
+
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Directory of a tiny trained checkpoint (K=64, D=16, f=4), built once per test session."""
-    return _train_tiny_checkpoint(tmp_path_factory.mktemp("checkpoints") / "test-tiny")
+def tiny_checkpoint(request: pytest.FixtureRequest) -> Path:
+    """Directory of a tiny trained checkpoint (K=64, D=16, f=4).
+
+    Training takes ~15 s on an idle 2-core machine (far more on a busy one), so the result is kept in
+    pytest's cache, keyed by the recipe and the torch version, and reloaded when it verifies.
+    """
+    import torch
+
+    from model.checkpoint import CheckpointError, load_checkpoint
+
+    cache_dir = request.config.cache.mkdir(f"vqtok-{_TINY_RECIPE}-torch{torch.__version__}")
+    directory = cache_dir / "test-tiny"
+    try:
+        load_checkpoint(directory)
+    except CheckpointError:
+        _train_tiny_checkpoint(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +109,34 @@ def _image_bytes(pixels: np.ndarray, fmt: str = "PNG", size: tuple[int, int] | N
 def image_bytes() -> Callable[..., bytes]:
     """``image_bytes(pixels, fmt="PNG", size=(W, H))`` -> image file bytes."""
     return _image_bytes
+
+
+def service_settings(checkpoint: Path, **overrides: object) -> object:
+    """``Settings`` for a test app: small warm-up and batches, environment ignored for the given fields."""
+    from service.settings import Settings
+
+    values: dict[str, object] = {"checkpoint": checkpoint, "warmup_size": 32, "max_batch_size": 8, "max_wait_ms": 2.0}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def make_service(tiny_checkpoint: Path) -> Callable[..., object]:
+    """``async with make_service(**settings) as (app, client):`` a started app (lifespan entered: loaded,
+    warmed up, ready) and an ``httpx.AsyncClient`` talking real HTTP semantics to it through ASGITransport."""
+    import contextlib
+
+    import httpx
+
+    from service.app import create_app
+
+    @contextlib.asynccontextmanager
+    async def factory(**overrides: object):  # type: ignore[no-untyped-def]
+        checkpoint = overrides.pop("checkpoint", tiny_checkpoint)
+        app = create_app(service_settings(checkpoint, **overrides))  # type: ignore[arg-type]
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://vqtok.test", timeout=60.0) as client:
+                yield app, client
+
+    return factory
