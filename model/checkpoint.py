@@ -58,6 +58,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
@@ -80,9 +86,12 @@ def save_checkpoint(directory: str | os.PathLike[str], model: VQVAE, metadata: d
             **(metadata or {}),
         }
         _write_json(staging / CONFIG_FILE, record)
+        umask = _current_umask()
         for item in staging.iterdir():  # make the files durable before the rename publishes them
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
+            os.chmod(item, 0o666 & ~umask)  # temp files are private (0600); a checkpoint is for sharing
+        os.chmod(staging, 0o777 & ~umask)
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, retired)

@@ -45,6 +45,12 @@ def test_round_trip_restores_every_tensor_and_the_record(saved: tuple[Path, VQVA
         assert torch.equal(loaded.model.encode(x), model.encode(x))
 
 
+def test_saved_files_are_readable_by_others(saved: tuple[Path, VQVAE]) -> None:
+    path, _ = saved
+    for item in (path, path / "model.safetensors", path / "config.json"):
+        assert item.stat().st_mode & 0o044 == 0o044, item  # group and others may read (umask 022)
+
+
 def test_save_replaces_atomically_and_leaves_no_temporaries(saved: tuple[Path, VQVAE]) -> None:
     path, model = saved
     save_checkpoint(path, model, {"name": "second"})
