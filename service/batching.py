@@ -97,7 +97,7 @@ class MicroBatcher:
         self._running = []
         self._groups.clear()
         self._depth = 0
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def run_in_inference_thread(self, function: Callable[[], object]) -> asyncio.Future[object]:
         """Run ``function`` on the inference thread (for work that must not race a batch)."""
@@ -189,14 +189,16 @@ class MicroBatcher:
             batch = torch.stack([item.tensor for item in items])
             try:
                 outputs = await loop.run_in_executor(self._executor, self.operations[operation], batch)
+            except asyncio.CancelledError:
+                raise  # stop(): it answers the items in self._running
             except Exception as exc:  # hand the failure to each waiting request; keep dispatching
                 logger.exception("batch of %d for %s failed", len(items), operation)
+                self._running = []
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            finally:
-                self._running = []
+            self._running = []
             finished = time.perf_counter()
             if self.observe_batch is not None:
                 self.observe_batch(operation, len(items), finished - started)

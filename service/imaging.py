@@ -133,7 +133,7 @@ def decode_image(data: bytes, max_pixels: int, where: str) -> np.ndarray:
             image = ImageOps.exif_transpose(image)
             rgb = _flatten_alpha(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"{where}: image over the pixel limit of {max_pixels} ({exc})") from exc
+        raise PayloadTooLarge(f"{where}: image over the pixel limit of {max_pixels}; Pillow refused it: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise UnsupportedMediaType(f"{where}: looks like {fmt} but Pillow cannot identify it") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -184,6 +184,8 @@ async def _read_encode_body(request: Request, query: EncodeOptions, settings: Se
                 if not isinstance(value, UploadFile):
                     raise BadRequest(f"multipart part 'image' #{len(images)} must be a file, not a text field")
                 images.append((f"images[{len(images)}]", await value.read()))
+            elif isinstance(value, UploadFile):
+                raise InvalidRequest(f"unexpected file part {name!r}: image files go in parts named 'image'")
             else:
                 fields[name] = value
         await form.close()

@@ -1,0 +1,105 @@
+"""The micro-batcher through HTTP: concurrent requests share forward passes and get the answers a
+lone request gets; a full queue fails fast with 429."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from service.app import create_app
+
+pytestmark = pytest.mark.asyncio
+
+
+def crops(photo: np.ndarray, count: int, side: int) -> list[np.ndarray]:
+    """``count`` different (side, side, 3) crops of a photo."""
+    step = (photo.shape[0] - side) // max(1, count - 1)
+    return [np.ascontiguousarray(photo[i * step : i * step + side, i * step : i * step + side]) for i in range(count)]
+
+
+async def test_concurrent_requests_batch_and_match_single_requests(make_service, astronaut, image_bytes) -> None:
+    images = [image_bytes(c) for c in crops(astronaut, 12, 64)]
+    headers = {"content-type": "image/png"}
+    async with make_service(max_batch_size=8, max_wait_ms=50.0) as (_, client):
+        alone = []
+        for png in images:  # one at a time: every batch holds one image
+            response = await client.post("/encode", content=png, headers=headers)
+            assert response.headers["x-batch-size"] == "1"
+            alone.append(response.json()["images"][0]["indices"])
+        together = await asyncio.gather(*(client.post("/encode", content=png, headers=headers) for png in images))
+        decoded_alone = [(await client.post("/decode", json={"indices": grid})).content for grid in alone[:6]]
+        decoded_together = await asyncio.gather(
+            *(client.post("/decode", json={"indices": grid}) for grid in alone[:6])
+        )
+        metrics = (await client.get("/metrics")).text
+    assert [r.json()["images"][0]["indices"] for r in together] == alone
+    batch_sizes = [int(r.headers["x-batch-size"]) for r in together]
+    assert max(batch_sizes) > 1, batch_sizes
+    assert [r.content for r in decoded_together] == decoded_alone
+    assert max(int(r.headers["x-batch-size"]) for r in decoded_together) > 1
+    # Batches of more than one image show up in the histogram: fewer observations than images.
+    count = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith('vqtok_batch_size_count{operation="encode"}')))
+    total = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith('vqtok_batch_size_sum{operation="encode"}')))
+    assert total == 24.0 and count < 24.0, (count, total)
+
+
+async def test_queue_full_fails_fast_with_429(make_service, astronaut, image_bytes) -> None:
+    png = image_bytes(crops(astronaut, 1, 32)[0])
+    headers = {"content-type": "image/png"}
+    async with make_service(max_queue_depth=1, max_images_per_request=1, max_batch_size=1, max_wait_ms=0.0) as (
+        app, client
+    ):
+        batcher = app.state.service.batcher
+        original = batcher.operations["encode"]
+        running, release = threading.Event(), threading.Event()
+
+        def blocked_encode(batch):  # type: ignore[no-untyped-def]
+            running.set()
+            release.wait(timeout=30)
+            return original(batch)
+
+        batcher.operations["encode"] = blocked_encode
+        first = asyncio.create_task(client.post("/encode", content=png, headers=headers))
+        await asyncio.to_thread(running.wait, 10)  # the first request holds the inference thread
+        second = asyncio.create_task(client.post("/encode", content=png, headers=headers))
+        while batcher.depth < 1:  # the second waits in the queue
+            await asyncio.sleep(0.005)
+        third = await client.post("/encode", content=png, headers=headers)
+        assert third.status_code == 429
+        assert third.json() == {
+            "error": "queue full: 1 items waiting, this request adds 1, the limit is 1; retry shortly",
+            "error_type": "queue_full",
+        }
+        assert third.headers["retry-after"] == "1"
+        release.set()
+        assert (await first).status_code == 200
+        assert (await second).status_code == 200
+
+
+async def test_shutdown_fails_waiting_requests_with_503(tiny_checkpoint) -> None:
+    """Stopping the batcher answers what still waits instead of leaving it hanging."""
+    from tests.conftest import service_settings
+
+    app = create_app(service_settings(tiny_checkpoint, max_wait_ms=0.0, max_batch_size=1))  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        import torch
+
+        batcher = app.state.service.batcher
+        release = threading.Event()
+        original = batcher.operations["decode"]
+        batcher.operations["decode"] = lambda batch: (release.wait(10), original(batch))[1]
+        grid = torch.zeros((2, 2), dtype=torch.int64)
+        waiting = [asyncio.create_task(batcher.submit("decode", [grid])) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        release.set()
+        await stopping
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert errors and all(type(e).__name__ == "NotReady" for e in errors)
