@@ -34,15 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vqtok serve: {exc}", file=sys.stderr)
         return 2
 
-    import uvicorn
-
-    from service.app import create_app
+    from service.server import serve
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    # One process, one model: no workers, no reload.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
-                timeout_graceful_shutdown=10)
+    serve(settings)  # one process, one model: no workers, no reload
     return 0
 
 

@@ -75,9 +75,13 @@ class Settings(BaseSettings):
                 f"({self.max_queue_depth}): such a request could never be queued"
             )
         if self.default_size is not None:
+            from service.errors import ServiceError
             from service.imaging import parse_size  # local: imaging imports numpy/PIL, settings stays light
 
-            parse_size(self.default_size)
+            try:
+                parse_size(self.default_size)
+            except ServiceError as exc:
+                raise ValueError(f"default_size: {exc.message}") from exc
         return self
 
     def limits(self) -> dict[str, Any]:

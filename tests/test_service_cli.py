@@ -1,0 +1,185 @@
+"""Settings, flags and environment variables; the Python client; ``vqtok encode`` / ``vqtok decode``
+against a real uvicorn server on a loopback port; ``vqtok serve`` as a real process."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import main as vqtok
+from service.client import AsyncVQTokClient, ServiceClientError, VQTokClient
+from service.server import serve_in_thread
+from service.settings import Settings, add_settings_arguments, settings_from_args
+from tests.conftest import service_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+def test_env_vars_flags_and_port_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("VQTOK_") or name == "PORT":
+            monkeypatch.delenv(name)
+    assert Settings().port == 8000 and Settings().host == "127.0.0.1" and Settings().device == "auto"
+    monkeypatch.setenv("PORT", "9100")
+    assert Settings().port == 9100
+    monkeypatch.setenv("VQTOK_PORT", "9200")
+    monkeypatch.setenv("VQTOK_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("VQTOK_API_KEY", "k")
+    monkeypatch.setenv("VQTOK_WARMUP", "false")
+    settings = Settings()
+    assert (settings.port, settings.max_batch_size, settings.warmup) == (9200, 4, False)
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "k"
+
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    flags = {action.dest for action in parser._actions if action.dest != "help"}
+    assert flags == set(Settings.model_fields)  # one flag per field, no drift
+    from_flags = settings_from_args(parser.parse_args(["--max-batch-size", "2", "--device", "cpu", "--warmup"]))
+    assert (from_flags.max_batch_size, from_flags.device, from_flags.warmup, from_flags.port) == (2, "cpu", True, 9200)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--device", "tpu"])
+
+
+def test_inconsistent_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_images_per_request"):
+        Settings(max_queue_depth=2, max_images_per_request=8)
+    with pytest.raises(ValueError, match="not 'N' or 'WxH'"):
+        Settings(default_size="huge")
+
+
+def test_serve_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert vqtok(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- real server
+
+@pytest.fixture(scope="module")
+def server_url(tiny_checkpoint: Path) -> Iterator[str]:
+    settings = service_settings(tiny_checkpoint, port=0, log_level="warning", default_size=None)
+    with serve_in_thread(settings) as url:  # type: ignore[arg-type]
+        yield url
+
+
+def test_cli_encode_then_decode(server_url: str, astronaut: np.ndarray, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).resize((70, 50)).save(photo)
+    assert vqtok(["encode", str(photo), "--url", server_url, "--size", "32", "--fit", "crop"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{photo}: grid 8x8, content 32x32" and len(printed) == 9
+    assert all(len(line.split()) == 8 for line in printed[1:])
+
+    tokens_json = tmp_path / "tokens.json"
+    assert vqtok(["encode", str(photo), str(photo), "--url", server_url, "--offset", "100", "-o", str(tokens_json)]) == 0
+    written = json.loads(tokens_json.read_text())
+    assert len(written["images"]) == 2 and written["images"][0]["tokens"][0] >= 100
+
+    out = tmp_path / "out.png"
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps({"images": written["images"][:1]}))
+    assert vqtok(["decode", str(single), "-o", str(out), "--url", server_url]) == 0
+    assert Image.open(out).size == (70, 50)  # cropped back to content_size
+    assert vqtok(["decode", str(tokens_json), "-o", str(out), "--url", server_url]) == 0
+    assert Image.open(tmp_path / "out-0.png").size == (70, 50) and (tmp_path / "out-1.png").exists()
+
+    flat = tmp_path / "flat.json"
+    image = written["images"][0]
+    flat.write_text(json.dumps({"tokens": image["tokens"], "grid": image["grid"], "offset": 100}))
+    jpg = tmp_path / "flat.jpg"
+    assert vqtok(["decode", str(flat), "-o", str(jpg), "--url", server_url]) == 0
+    assert Image.open(jpg).format == "JPEG" and Image.open(jpg).size == (72, 52)
+
+
+def test_cli_prints_server_errors(server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"indices": [[0, 1], [2, 9999]]}))
+    assert vqtok(["decode", str(bad), "-o", str(tmp_path / "x.png"), "--url", server_url]) == 1
+    assert "indices[1][1] = 9999 is outside [0, 64) (invalid_request, HTTP 422)" in capsys.readouterr().err
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    assert vqtok(["encode", str(text), "--url", server_url]) == 1
+    assert "unsupported_media_type, HTTP 415" in capsys.readouterr().err
+    assert vqtok(["encode", str(text), "--url", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach the service" in capsys.readouterr().err
+
+
+def test_python_clients(server_url: str, astronaut: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(astronaut).resize((64, 64)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    with VQTokClient(server_url) as client:
+        result = client.encode([png], tokens=True)
+        assert isinstance(result, dict) and result["images"][0]["grid"] == [16, 16]
+        array = client.encode([png, png], as_numpy=True)
+        assert isinstance(array, np.ndarray) and array.shape == (2, 16, 16)
+        image = client.decode(indices=result["images"][0]["indices"])
+        assert isinstance(image, bytes) and Image.open(io.BytesIO(image)).size == (64, 64)
+        several = client.decode(indices=array.tolist(), format="webp")
+        assert isinstance(several, list) and len(several) == 2
+        codebook = client.codebook(as_numpy=True)
+        assert isinstance(codebook, np.ndarray) and codebook.shape == (64, 16)
+        with pytest.raises(ServiceClientError) as caught:
+            client.decode(tokens=[1, 2, 3], grid=[2, 2])
+        assert caught.value.status == 422 and "grid [2, 2] needs 2 * 2 = 4" in caught.value.message
+
+    async def run_async() -> None:
+        async with AsyncVQTokClient(server_url) as client:
+            result = await client.encode([png])
+            assert isinstance(result, dict)
+            decoded = await client.decode(indices=result["images"][0]["indices"])
+            assert isinstance(decoded, bytes)
+            info = await client.codebook(vectors=True)
+            assert isinstance(info, dict) and len(info["vectors"]) == 64
+
+    import asyncio
+
+    asyncio.run(run_async())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_vqtok_serve_process(tiny_checkpoint: Path) -> None:
+    """``python -m service`` configured by environment variables and flags, as a container would run it."""
+    port = _free_port()
+    env = {**os.environ, "VQTOK_CHECKPOINT": str(tiny_checkpoint), "VQTOK_WARMUP_SIZE": "32",
+           "VQTOK_MAX_BATCH_SIZE": "2", "PORT": str(port), "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO)}
+    env.pop("VQTOK_PORT", None)
+    process = subprocess.Popen([sys.executable, "-m", "service", "--device", "cpu", "--max-wait-ms", "1"],
+                               env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()
+        assert info["limits"]["max_batch_size"] == 2 and info["limits"]["max_wait_ms"] == 1.0
+        assert info["model"]["name"] == "test-tiny"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
