@@ -40,7 +40,8 @@ def _train_tiny_checkpoint(directory: Path, steps: int = 300) -> Path:
     for _ in range(steps):
         ys = torch.randint(0, photo.shape[1] - crop, (batch,), generator=generator)
         xs = torch.randint(0, photo.shape[2] - crop, (batch,), generator=generator)
-        pixels = torch.stack([photo[:, y : y + crop, x : x + crop] for y, x in zip(ys.tolist(), xs.tolist(), strict=True)])
+        corners = zip(ys.tolist(), xs.tolist(), strict=True)
+        pixels = torch.stack([photo[:, y : y + crop, x : x + crop] for y, x in corners])
         x = config.normalize(pixels)
         out = model(x)
         loss = torch.nn.functional.mse_loss(out.reconstruction, x) + out.vq_loss

@@ -86,7 +86,8 @@ def test_cli_encode_then_decode(server_url: str, astronaut: np.ndarray, tmp_path
     assert all(len(line.split()) == 8 for line in printed[1:])
 
     tokens_json = tmp_path / "tokens.json"
-    assert vqtok(["encode", str(photo), str(photo), "--url", server_url, "--offset", "100", "-o", str(tokens_json)]) == 0
+    two = [str(photo), str(photo)]
+    assert vqtok(["encode", *two, "--url", server_url, "--offset", "100", "-o", str(tokens_json)]) == 0
     written = json.loads(tokens_json.read_text())
     assert len(written["images"]) == 2 and written["images"][0]["tokens"][0] >= 100
 

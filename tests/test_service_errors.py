@@ -36,7 +36,7 @@ def assert_error(response, status: int, error_type: str, *fragments: str) -> Non
 @pytest_asyncio.fixture
 async def service(make_service):  # type: ignore[no-untyped-def]
     async with make_service(max_body_bytes=200_000, max_pixels=500_000, max_images_per_request=3,
-                            max_tokens_per_grid=1024) as (app, client):
+                            max_tokens_per_grid=1024) as (_, client):
         yield client
 
 
@@ -127,7 +127,8 @@ async def test_index_out_of_range_names_position(service) -> None:
 
 async def test_token_out_of_range_with_offset_names_position(service) -> None:
     tokens = [7, *([1000] * 17), 999, *([1000] * 6), 8]  # bos, 17 ok, one below the offset, 6 ok, eos
-    response = await service.post("/decode", json={"tokens": tokens, "grid": [4, 6], "offset": 1000, "bos": 7, "eos": 8})
+    request = {"tokens": tokens, "grid": [4, 6], "offset": 1000, "bos": 7, "eos": 8}
+    response = await service.post("/decode", json=request)
     assert_error(response, 422, "invalid_request", "tokens[18] = 999 is outside [1000, 1064)")
 
 
@@ -163,7 +164,8 @@ async def test_bad_fit_value(service, astronaut, image_bytes) -> None:
     response = await service.post("/encode", params={"fit": "squash"}, content=image_bytes(astronaut, size=(16, 16)),
                                   headers=PNG_HEADERS)
     assert_error(response, 422, "validation_error", "query.fit: Input should be 'pad', 'crop', 'resize' or 'none'")
-    form = await service.post("/encode", files=[("image", ("a.png", image_bytes(astronaut, size=(16, 16)), "image/png"))],
+    part = ("a.png", image_bytes(astronaut, size=(16, 16)), "image/png")
+    form = await service.post("/encode", files=[("image", part)],
                               data={"fit": "squash"})
     assert_error(form, 422, "invalid_request", "form.fit: Input should be")
 
@@ -186,7 +188,8 @@ async def test_npy_needs_one_grid_shape(service, astronaut, image_bytes) -> None
 
 
 async def test_malformed_json(service) -> None:
-    response = await service.post("/decode", content=b'{"indices": [[1, 2]', headers={"content-type": "application/json"})
+    json_headers = {"content-type": "application/json"}
+    response = await service.post("/decode", content=b'{"indices": [[1, 2]', headers=json_headers)
     assert_error(response, 400, "bad_request", "request body is not valid JSON")
     encode = await service.post("/encode", content=b"{nope", headers={"content-type": "application/json"})
     assert_error(encode, 400, "bad_request", "request body is not valid JSON")
