@@ -35,6 +35,8 @@ class VQVAEConfig:
       downsample: f, the ratio image side / token-grid side: 4, 8 or 16.
       dead_code_window: a code unused for this many training steps is re-seeded from the current
         batch's encoder outputs; 0 disables restarts.
+      dead_code_threshold: "ema" only: a code whose EMA cluster size (vectors per step) falls below
+        this is re-seeded too, so rarely used codes move to where the data is (0 disables).
       kmeans_init: initialise the codebook by k-means on the first training batch.
       kmeans_iters: Lloyd iterations of that k-means.
       pixel_mean, pixel_std: per-channel normalisation applied to images in [0, 1]:
@@ -53,6 +55,7 @@ class VQVAEConfig:
     epsilon: float = 1e-5
     downsample: int = 4
     dead_code_window: int = 100
+    dead_code_threshold: float = 0.0
     kmeans_init: bool = False
     kmeans_iters: int = 10
     pixel_mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
@@ -84,6 +87,10 @@ class VQVAEConfig:
             raise ValueError(f"commitment_cost must be >= 0, got {self.commitment_cost}")
         if self.dead_code_window < 0:
             raise ValueError(f"dead_code_window must be >= 0, got {self.dead_code_window}")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}")
+        if self.dead_code_threshold > 0 and self.quantizer != "ema":
+            raise ValueError("dead_code_threshold needs the 'ema' quantizer (it reads the EMA cluster sizes)")
         if self.kmeans_iters < 1:
             raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
         for name in ("pixel_mean", "pixel_std"):

@@ -175,6 +175,10 @@ class _QuantizerBase(nn.Module):
     def _losses(self, inputs: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _rarely_used(self) -> torch.Tensor | None:
+        """(K,) bool: codes used too rarely to keep, besides the unused ones (EMA only)."""
+        return None
+
     # --- public API --------------------------------------------------------------------------------
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codebook vectors of ``indices``: (...) long -> (..., D) float32."""
@@ -234,13 +238,18 @@ class _QuantizerBase(nn.Module):
             self.initialized.fill_(True)
 
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
-        """Re-seed codes unused for ``dead_code_window`` steps from random rows of ``flat`` (N, D)."""
+        """Re-seed codes unused for ``dead_code_window`` steps (or too rarely used, see ``_rarely_used``)
+        from random rows of ``flat`` (N, D)."""
         used = counts > 0
         self.steps_since_used.add_(1).masked_fill_(used, 0)
         if self.dead_code_window <= 0:
             return
-        dead = (self.steps_since_used >= self.dead_code_window).nonzero().squeeze(1)
-        if dead.numel() == 0:  # counts are global, so every rank agrees on this
+        dead_mask = self.steps_since_used >= self.dead_code_window
+        rare = self._rarely_used()
+        if rare is not None:
+            dead_mask |= rare
+        dead = dead_mask.nonzero().squeeze(1)
+        if dead.numel() == 0:  # counts and EMA statistics are global, so every rank agrees on this
             return
         # Fresh vectors for the dead codes: random encoder outputs of this batch, chosen on rank 0.
         picks = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
@@ -290,6 +299,8 @@ class VectorQuantizerEMA(_QuantizerBase):
       commitment_cost: beta, weight of ``||z - sg[e]||^2`` (the only loss term).
       decay: gamma, EMA decay of the cluster sizes and sums.
       epsilon: Laplace smoothing of the cluster sizes, so no code divides by zero.
+      dead_code_threshold: a code whose EMA cluster size falls below this (vectors per step) is
+        re-seeded like a dead one; a re-seeded code gets ``dead_code_window`` steps of grace.
       dead_code_window, kmeans_init, kmeans_iters: codebook health, see ``_QuantizerBase``.
 
     Per training step, after the nearest-code search, with n_i codes chosen and s_i their sum:
@@ -305,11 +316,16 @@ class VectorQuantizerEMA(_QuantizerBase):
         commitment_cost: float,
         decay: float = 0.99,
         epsilon: float = 1e-5,
+        dead_code_threshold: float = 0.0,
         **health: object,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, commitment_cost, **health)  # type: ignore[arg-type]
         self.decay = decay
         self.epsilon = epsilon
+        self.dead_code_threshold = dead_code_threshold
+        # Cluster size a re-seeded code starts from: one vector, or enough that, unused, it decays to the
+        # threshold only after dead_code_window steps (c * decay^window = threshold).
+        self.reseed_cluster_size = max(1.0, dead_code_threshold / decay ** max(self.dead_code_window, 1))
         initial = torch.randn(num_embeddings, embedding_dim)  # the seed's normal init
         self.register_buffer("embedding", initial.clone())
         self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
@@ -320,10 +336,15 @@ class VectorQuantizerEMA(_QuantizerBase):
         return self.embedding
 
     def _set_codes(self, code_ids: torch.Tensor, vectors: torch.Tensor) -> None:
-        # A re-seeded code counts as one vector at `vectors`: e = m / N stays `vectors` until it is used.
+        # A re-seeded code counts as c vectors at `vectors`: e = m / N stays `vectors` until it is used.
         self.embedding[code_ids] = vectors
-        self.ema_embedding_sum[code_ids] = vectors
-        self.ema_cluster_size[code_ids] = 1.0
+        self.ema_embedding_sum[code_ids] = vectors * self.reseed_cluster_size
+        self.ema_cluster_size[code_ids] = self.reseed_cluster_size
+
+    def _rarely_used(self) -> torch.Tensor | None:
+        if self.dead_code_threshold <= 0:
+            return None
+        return self.ema_cluster_size < self.dead_code_threshold
 
     def _losses(self, inputs: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
         return self.commitment_cost * F.mse_loss(inputs, quantized.detach())

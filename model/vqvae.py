@@ -43,7 +43,7 @@ def build_quantizer(config: VQVAEConfig) -> VectorQuantizer | VectorQuantizerEMA
     if config.quantizer == "ema":
         return VectorQuantizerEMA(
             config.num_embeddings, config.embedding_dim, config.commitment_cost,
-            decay=config.decay, epsilon=config.epsilon, **health,
+            decay=config.decay, epsilon=config.epsilon, dead_code_threshold=config.dead_code_threshold, **health,
         )
     return VectorQuantizer(config.num_embeddings, config.embedding_dim, config.commitment_cost, **health)
 

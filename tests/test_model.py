@@ -206,3 +206,22 @@ def test_straight_through_passes_gradients_to_the_encoder() -> None:
     assert model.encoder.downsamples[0].weight.grad is not None
     assert float(model.encoder.downsamples[0].weight.grad.abs().sum()) > 0
     assert float(model.quantizer.embedding.grad.abs().sum()) > 0  # codebook loss reaches the codes
+
+
+def test_threshold_reseeds_rarely_used_ema_codes_with_grace() -> None:
+    quantizer = _ema_quantizer(torch.tensor([[0.0, 0.0], [5.0, 5.0], [9.0, 9.0]]), torch.tensor([8.0, 0.2, 8.0]),
+                               decay=0.9, window=10)
+    quantizer.dead_code_threshold = 0.5
+    quantizer.reseed_cluster_size = max(1.0, 0.5 / 0.9**10)
+    inputs = torch.tensor([[0.1, 0.0], [5.1, 5.0], [8.9, 9.0], [0.0, 0.2]]).t().reshape(1, 2, 2, 2)
+    quantizer.train()(inputs)
+    # Code 1 was used this step, but its EMA size 0.9*0.2 + 0.1*1 = 0.28 is under 0.5: re-seeded.
+    assert quantizer.restarts_total == 1
+    assert math.isclose(float(quantizer.ema_cluster_size[1]), 0.5 / 0.9**10, rel_tol=1e-5)
+    quantizer(inputs)  # a fresh code is not re-seeded again at once
+    assert quantizer.restarts_total == 1
+
+
+def test_threshold_needs_the_ema_quantizer() -> None:
+    with pytest.raises(ValueError, match="dead_code_threshold needs the 'ema' quantizer"):
+        VQVAEConfig(quantizer="plain", dead_code_threshold=1.0)
