@@ -18,7 +18,7 @@
 #                    test serves the host's torch wheel through it). Build stages only.
 #   PORT             the port the image listens on and exposes (default 8000).
 #
-# The server takes every setting from VQTOK_* environment variables (docs/deployment.md lists
+# The server takes every setting from VQTOK_* environment variables (README.md, Deployment, lists
 # them), and its port from PORT or VQTOK_PORT: the CMD is exec form, with no shell to expand
 # variables, so nothing is set on the command line.
 

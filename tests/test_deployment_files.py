@@ -1,7 +1,7 @@
 """Static checks of the deployment files: Dockerfile, .dockerignore, docker-compose.yml, nginx, smoke script.
 
 No Docker engine is needed: these run in CI in a second. The real build-and-run proof is
-``scripts/docker-smoke.sh`` (docs/deployment.md).
+``scripts/docker-smoke.sh`` (README.md, Deployment).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 CONSTRAINTS = ROOT / "deploy" / "constraints.txt"
 SMOKE = ROOT / "scripts" / "docker-smoke.sh"
-DOCS = ROOT / "docs" / "deployment.md"
+DOCS = ROOT / "README.md"
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -359,6 +359,6 @@ def test_smoke_script_is_valid_bash():
 def test_deployment_docs_name_every_setting():
     text = DOCS.read_text()
     for name in settings_fields():
-        assert f"VQTOK_{name.upper()}" in text, f"docs/deployment.md does not mention VQTOK_{name.upper()}"
+        assert f"VQTOK_{name.upper()}" in text, f"README.md (Deployment) does not mention VQTOK_{name.upper()}"
     for needle in ("docker run", "--gpus all", "docker compose up", "PORT", "/checkpoints", "docker-smoke.sh"):
         assert needle in text, needle
