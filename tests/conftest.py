@@ -5,10 +5,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 # ------------------------------------------------------------------------------------------------
 # Service fixtures (tests/test_service_*.py): a tiny real checkpoint and real photos.
@@ -62,7 +66,7 @@ _TINY_RECIPE = "test-tiny-v1-300-steps"
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(request: pytest.FixtureRequest) -> Path:
+def tiny_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory of a tiny trained checkpoint (K=64, D=16, f=4).
 
     Training takes ~15 s on an idle 2-core machine (far more on a busy one), so the result is kept in
@@ -72,7 +76,9 @@ def tiny_checkpoint(request: pytest.FixtureRequest) -> Path:
 
     from model.checkpoint import CheckpointError, load_checkpoint
 
-    cache_dir = request.config.cache.mkdir(f"vqtok-{_TINY_RECIPE}-torch{torch.__version__}")
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    key = f"vqtok-{_TINY_RECIPE}-torch{torch.__version__}"
+    cache_dir = cache.mkdir(key) if cache is not None else tmp_path_factory.mktemp(key)
     directory = cache_dir / "test-tiny"
     try:
         load_checkpoint(directory)
@@ -112,13 +118,15 @@ def image_bytes() -> Callable[..., bytes]:
     return _image_bytes
 
 
-def service_settings(checkpoint: Path, **overrides: object) -> object:
-    """``Settings`` for a test app: small warm-up and batches, environment ignored for the given fields."""
+def service_settings(checkpoint: Path, **overrides: object) -> Settings:
+    """``Settings`` for a test app: CPU, small warm-up and batches; ``overrides`` win over the environment."""
     from service.settings import Settings
 
-    values: dict[str, object] = {"checkpoint": checkpoint, "warmup_size": 32, "max_batch_size": 8, "max_wait_ms": 2.0}
+    values: dict[str, object] = {
+        "checkpoint": checkpoint, "device": "cpu", "warmup_size": 32, "max_batch_size": 8, "max_wait_ms": 2.0,
+    }
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings(**values)  # type: ignore[arg-type]  # values are checked by Settings itself
 
 
 @pytest.fixture
@@ -134,7 +142,7 @@ def make_service(tiny_checkpoint: Path) -> Callable[..., object]:
     @contextlib.asynccontextmanager
     async def factory(**overrides: object):  # type: ignore[no-untyped-def]
         checkpoint = overrides.pop("checkpoint", tiny_checkpoint)
-        app = create_app(service_settings(checkpoint, **overrides))  # type: ignore[arg-type]
+        app = create_app(service_settings(checkpoint, **overrides))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://vqtok.test", timeout=60.0) as client:

@@ -241,7 +241,7 @@ async def test_ready_is_503_until_loaded_and_warmed_up(tiny_checkpoint) -> None:
         release.wait(timeout=30)
         return Engine.load(settings.checkpoint, "cpu")
 
-    app = create_app(service_settings(tiny_checkpoint), loader=slow_loader)  # type: ignore[arg-type]
+    app = create_app(service_settings(tiny_checkpoint), loader=slow_loader)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://vqtok.test") as client:
         entered = asyncio.Event()
         stop = asyncio.Event()
@@ -299,3 +299,23 @@ async def test_api_key(make_service, api_key: str | None, image_bytes: Callable[
             "error": "missing API key: send 'Authorization: Bearer <key>'", "error_type": "unauthorized"}
         assert anonymous.headers["www-authenticate"] == "Bearer"
         assert wrong.status_code == 401 and wrong.json()["error"] == "wrong API key"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+async def test_cuda_serving_matches_cpu(make_service, astronaut, image_bytes) -> None:
+    """On CUDA (channels_last, bf16 convolutions, float32 nearest-code search) the tokens match the CPU's
+    almost everywhere and the reconstruction is as good."""
+    png = image_bytes(astronaut, size=(128, 128))
+    grids, images = {}, {}
+    for device in ("cpu", "cuda"):
+        async with make_service(device=device) as (_, client):
+            info = (await client.get("/info")).json()
+            assert info["device"].startswith(device)
+            grid = (await client.post("/encode", content=png, headers={"content-type": "image/png"})).json()
+            grids[device] = np.array(grid["images"][0]["indices"])
+            decoded = await client.post("/decode", json={"indices": grid["images"][0]["indices"]})
+            images[device] = png_pixels(decoded.content)
+    assert info["dtype"] == "bfloat16"
+    assert np.mean(grids["cpu"] == grids["cuda"]) >= 0.9
+    original = png_pixels(png)
+    assert psnr(images["cuda"], original) >= psnr(images["cpu"], original) - 1.0

@@ -85,7 +85,7 @@ async def test_shutdown_fails_waiting_requests_with_503(tiny_checkpoint) -> None
     """Stopping the batcher answers what still waits instead of leaving it hanging."""
     from tests.conftest import service_settings
 
-    app = create_app(service_settings(tiny_checkpoint, max_wait_ms=0.0, max_batch_size=1))  # type: ignore[arg-type]
+    app = create_app(service_settings(tiny_checkpoint, max_wait_ms=0.0, max_batch_size=1))
     async with app.router.lifespan_context(app):
         import torch
 

@@ -72,7 +72,7 @@ def test_serve_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.Captu
 @pytest.fixture(scope="module")
 def server_url(tiny_checkpoint: Path) -> Iterator[str]:
     settings = service_settings(tiny_checkpoint, port=0, log_level="warning", default_size=None)
-    with serve_in_thread(settings) as url:  # type: ignore[arg-type]
+    with serve_in_thread(settings) as url:
         yield url
 
 
