@@ -80,6 +80,12 @@ def nearest_code(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     Returns:
       (N,) long indices in [0, K).
     """
+    # Callers may be under autocast (bf16 encoders): the distances must not be, or near-ties flip.
+    with torch.autocast(device_type=flat.device.type, enabled=False):
+        return _nearest_code_fp32(flat, codebook)
+
+
+def _nearest_code_fp32(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     flat = flat.float()
     codebook = codebook.float()
     # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e; ||z||^2 is the same for every code of a row,

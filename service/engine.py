@@ -79,11 +79,8 @@ class Engine:
         x = self.config.normalize(x)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        self.model.check_images(x)
         with self._autocast():
-            latents = self.model.latents(x)  # (B, D, h, w)
-        # Nearest-code search outside autocast, in float32: bf16 distances pick wrong codes.
-        indices = self.model.quantizer.quantize_indices(latents.float())
+            indices = self.model.encode(x)  # convolutions in bf16 on CUDA; the code search stays float32
         return indices.cpu()
 
     @torch.inference_mode()

@@ -198,6 +198,14 @@ def test_quantizer_stays_float32_under_bf16_autocast() -> None:
     assert out.vq_loss.dtype == torch.float32
 
 
+def test_nearest_code_under_autocast_matches_float32() -> None:
+    torch.manual_seed(0)
+    flat, codebook = torch.randn(4096, 64), torch.randn(512, 64)
+    expected = nearest_code(flat, codebook)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # bf16 distances would flip ~1% of codes
+        assert torch.equal(nearest_code(flat, codebook), expected)
+
+
 def test_straight_through_passes_gradients_to_the_encoder() -> None:
     model = VQVAE(VQVAEConfig(quantizer="plain", **TINY)).train()
     x = torch.randn(2, 3, 16, 16)
