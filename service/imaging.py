@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.data import to_rgb_array
 from service.errors import BadRequest, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 FitMode = Literal["pad", "crop", "resize", "none"]
@@ -96,15 +97,6 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def _flatten_alpha(image: Image.Image) -> Image.Image:
-    """RGB version of ``image``; transparent pixels become white rather than whatever colour they hide."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def decode_image(data: bytes, max_pixels: int, where: str) -> np.ndarray:
     """Image file bytes -> (H, W, 3) uint8 RGB, refusing bombs before any pixel is decoded.
 
@@ -131,14 +123,14 @@ def decode_image(data: bytes, max_pixels: int, where: str) -> np.ndarray:
                 )
             image.load()
             image = ImageOps.exif_transpose(image)
-            rgb = _flatten_alpha(image)
+            rgb = to_rgb_array(image)  # alpha on white; 16-bit rescaled, not clipped
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{where}: image over the pixel limit of {max_pixels}; Pillow refused it: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise UnsupportedMediaType(f"{where}: looks like {fmt} but Pillow cannot identify it") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadRequest(f"{where}: truncated or corrupt {fmt} image ({exc})") from exc
-    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one
+    return rgb  # a writable copy owned by the caller: torch.from_numpy needs one
 
 
 def _resize(pixels: np.ndarray, size: Size) -> np.ndarray:

@@ -319,3 +319,23 @@ async def test_cuda_serving_matches_cpu(make_service, astronaut, image_bytes) ->
     assert np.mean(grids["cpu"] == grids["cuda"]) >= 0.9
     original = png_pixels(png)
     assert psnr(images["cuda"], original) >= psnr(images["cpu"], original) - 1.0
+
+
+async def test_sixteen_bit_and_transparent_uploads_encode_like_their_8_bit_rgb(make_service, astronaut) -> None:
+    grey8 = astronaut[:64, :64].mean(axis=2).round().astype(np.uint8)  # (64, 64)
+    sixteen = io.BytesIO()
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(sixteen, "PNG")  # I;16: 0..65535
+    eight = io.BytesIO()
+    Image.fromarray(np.repeat(grey8[:, :, None], 3, axis=2)).save(eight, "PNG")
+    rgba = np.concatenate([astronaut[:64, :64], np.full((64, 64, 1), 255, np.uint8)], axis=2)
+    opaque = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(opaque, "PNG")
+    plain = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(astronaut[:64, :64])).save(plain, "PNG")
+    async with make_service() as (_, client):
+        answers = [await client.post("/encode", content=b.getvalue(), headers={"content-type": "image/png"})
+                   for b in (sixteen, eight, opaque, plain)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 200]
+    grids = [a.json()["images"][0]["indices"] for a in answers]
+    assert grids[0] == grids[1]  # 16-bit rescaled to 8 bits, not clipped to white
+    assert grids[2] == grids[3]  # an opaque alpha channel changes nothing
