@@ -107,8 +107,32 @@ def format_location(loc: Sequence[Any]) -> str:
     return text or "request"
 
 
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names the union branch it tried inside ``loc`` (``"list[list[constrained-int]]"``)."""
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-"))
+
+
+def _without_union_noise(errors: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Union fields report every branch they tried: drop the branch names from ``loc``, drop the
+    "wrong shape" errors of branches that did not apply when a branch that did has its own error,
+    and drop the duplicates that remain."""
+    untagged = [{**e, "loc": tuple(p for p in e.get("loc", ()) if not _is_union_tag(p))} for e in errors]
+    tagged = any(any(_is_union_tag(p) for p in e.get("loc", ())) for e in errors)
+    if tagged and any(e.get("type") != "list_type" for e in untagged):
+        untagged = [e for e in untagged if e.get("type") != "list_type"]
+    seen: set[tuple[Any, ...]] = set()
+    unique = []
+    for e in untagged:
+        key = (e["loc"], e.get("msg"))
+        if key not in seen:
+            seen.add(key)
+            unique.append(e)
+    return unique
+
+
 def describe_validation_errors(errors: Sequence[Mapping[str, Any]], limit: int = 3) -> str:
     """pydantic error dicts -> ``"query.fit: Input should be 'pad', 'crop', ...; ..."`` (first ``limit``)."""
+    errors = _without_union_noise(errors)
     parts = [f"{format_location(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:limit]]
     if len(errors) > limit:
         parts.append(f"and {len(errors) - limit} more")

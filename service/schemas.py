@@ -6,11 +6,18 @@ codebook indices in ``[0, K)``; ``tokens`` are the LLM-facing flat sequence (see
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.imaging import FitMode, OutputFormat
+
+# An LLM vocabulary id (offset, bos, eos): non-negative and below 2**31, so that index + offset always
+# fits the int64 arithmetic of service.tokens.
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+# A value sent back to /decode: anything int64 holds; values outside [offset, offset + K) are refused
+# later with their position, values beyond int64 here with their field location.
+WireInt = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
 
 class ErrorResponse(BaseModel):
@@ -49,11 +56,11 @@ class EncodeOptions(BaseModel):
         "says what to crop back); crop: cover and centre-crop; resize: stretch; none: refuse sizes that are not "
         "multiples of the downsample factor",
     )
-    offset: int = Field(
-        0, ge=0, description="added to every index in `tokens` (placing image tokens in an LLM vocabulary)"
+    offset: TokenId = Field(
+        0, description="added to every index in `tokens` (placing image tokens in an LLM vocabulary)"
     )
-    bos: int | None = Field(None, ge=0, description="begin-of-image id put before `tokens`")
-    eos: int | None = Field(None, ge=0, description="end-of-image id put after `tokens`")
+    bos: TokenId | None = Field(None, description="begin-of-image id put before `tokens`")
+    eos: TokenId | None = Field(None, description="end-of-image id put after `tokens`")
     tokens: bool = Field(False, description="include `tokens` (implied by offset, bos or eos)")
 
     @property
@@ -94,17 +101,17 @@ class DecodeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    indices: list[list[list[int]]] | list[list[int]] | None = Field(
+    indices: list[list[list[WireInt]]] | list[list[WireInt]] | None = Field(
         None, description="one h x w grid, or a list of grids; `offset` is subtracted from every value"
     )
-    tokens: list[list[int]] | list[int] | None = Field(
+    tokens: list[list[WireInt]] | list[WireInt] | None = Field(
         None, description="one flat sequence (or a list of them) as an LLM produced it; a leading `bos` and a "
         "trailing `eos` are stripped when present, then `offset` is subtracted",
     )
     grid: tuple[int, int] | None = Field(None, description="[h, w] of every `tokens` sequence")
-    offset: int = Field(0, ge=0)
-    bos: int | None = Field(None, ge=0)
-    eos: int | None = Field(None, ge=0)
+    offset: TokenId = 0
+    bos: TokenId | None = None
+    eos: TokenId | None = None
     format: OutputFormat = Field("png", description="image format of the answer")
     quality: int = Field(95, ge=1, le=100, description="JPEG / WebP quality")
     crop_to: ImageSize | list[ImageSize] | None = Field(

@@ -204,6 +204,27 @@ async def test_wrong_json_types(service) -> None:
     assert_error(images, 422, "invalid_request", "body.images: Input should be a valid list")
 
 
+async def test_a_wrong_value_in_a_grid_is_named_once_without_union_noise(service) -> None:
+    response = await service.post("/decode", json={"indices": [[1, "x"]]})
+    assert response.json()["error"] == (
+        "body.indices[0][1]: Input should be a valid integer, unable to parse string as an integer"
+    )
+
+
+async def test_integers_beyond_int64_or_token_ids_are_422_not_500(service) -> None:
+    huge = 10**30
+    index = await service.post("/decode", json={"indices": [[huge, 1]]})
+    assert_error(index, 422, "validation_error", "body.indices[0][0]: Input should be less than 9223372036854775808")
+    token = await service.post("/decode", json={"tokens": [1, 2, huge, 3], "grid": [2, 2]})
+    assert_error(token, 422, "validation_error", "body.tokens[2]: Input should be less than 9223372036854775808")
+    offset = await service.post("/decode", json={"indices": [[1]], "offset": huge})
+    assert_error(offset, 422, "validation_error", "body.offset: Input should be less than 2147483648")
+    bos = await service.post("/decode", json={"tokens": [1], "grid": [1, 1], "bos": huge})
+    assert_error(bos, 422, "validation_error", "body.bos: Input should be less than 2147483648")
+    encode = await service.post(f"/encode?offset={huge}", content=b"\x89PNG", headers={"content-type": "image/png"})
+    assert_error(encode, 422, "validation_error", "query.offset: Input should be less than 2147483648")
+
+
 async def test_crop_to_larger_than_image(service) -> None:
     response = await service.post("/decode", json={"indices": [[1, 2], [3, 4]], "crop_to": {"width": 9, "height": 8}})
     assert_error(response, 422, "invalid_request", "crop_to: 9x8 is larger than the decoded image 8x8")
