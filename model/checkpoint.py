@@ -50,6 +50,15 @@ class Checkpoint:
         return str(self.metadata.get("name") or self.path.name)
 
 
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ``ValueError``."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} was requested but torch sees no CUDA device")
+    return torch.device(requested)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -20,18 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, pick_device
 from model.quantizer import perplexity_of
 from model.vqvae import VQVAE
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ``ValueError``."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
-    return torch.device(requested)
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 from model import data as datasets
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, pick_device, save_checkpoint
 from model.config import VQVAEConfig
-from model.evaluate import evaluate_images, pick_device, reconstruct
+from model.evaluate import evaluate_images, reconstruct
 from model.options import add_dataclass_arguments, dataclass_from_args
 from model.vqvae import VQVAE
 

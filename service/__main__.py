@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from model.checkpoint import CheckpointError, read_checkpoint_record
+from model.checkpoint import pick_device, read_checkpoint_record
 from service.settings import add_settings_arguments, settings_from_args
 
 
@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"vqtok serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    try:
-        read_checkpoint_record(settings.checkpoint)  # fail before binding a port, with the file's own message
-    except CheckpointError as exc:
+    try:  # fail before binding a port, with a message naming the problem
+        pick_device(settings.device)
+        read_checkpoint_record(settings.checkpoint)
+    except ValueError as exc:  # CheckpointError is a ValueError
         print(f"vqtok serve: {exc}", file=sys.stderr)
         return 2
 

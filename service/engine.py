@@ -16,20 +16,11 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint, pick_device
 from model.quantizer import perplexity_of
 from service.schemas import ModelIdentity
 
 logger = logging.getLogger("service.engine")
-
-
-def resolve_device(choice: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ``RuntimeError``."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
-    return torch.device(choice)
 
 
 class Engine:
@@ -46,7 +37,7 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path, device_choice: str) -> Engine:
-        device = resolve_device(device_choice)
+        device = pick_device(device_choice)
         checkpoint = load_checkpoint(path, device)
         logger.info("loaded checkpoint %s (%s) on %s", checkpoint.name, checkpoint.weights_sha256[:12], device)
         return cls(checkpoint, device)

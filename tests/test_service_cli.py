@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from service.cli import main as vqtok
@@ -65,6 +66,12 @@ def test_inconsistent_settings_are_refused() -> None:
 def test_serve_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert vqtok(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "checkpoint directory not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_serve_refuses_cuda_without_a_gpu(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert vqtok(["serve", "--device", "cuda", "--checkpoint", str(tiny_checkpoint)]) == 2
+    assert "vqtok serve: device 'cuda' was requested but torch sees no CUDA device" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- real server
