@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import types
 import typing
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _parse_bool(text: str) -> bool:
@@ -36,7 +33,7 @@ def _converter(annotation: Any) -> tuple[Any, Any, int | None]:
         return type(choices[0]), choices, None
     if origin is tuple:
         return float, None, None
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _converter(inner[0])
     if annotation is bool:
@@ -48,11 +45,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, env_pref
                             skip: tuple[str, ...] = (), title: str | None = None) -> None:
     """Add one flag per field of dataclass ``cls``; defaults come from the environment, else the class."""
     group = parser.add_argument_group(title or cls.__name__)
-    types = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        annotation = types[f.name]
+        annotation = hints[f.name]
         parse, choices, _ = _converter(annotation)
         env_name = f"{env_prefix}{f.name.upper()}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
