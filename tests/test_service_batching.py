@@ -1,5 +1,6 @@
 """The micro-batcher through HTTP: concurrent requests share forward passes and get the answers a
-lone request gets; a full queue fails fast with 429."""
+lone request gets (under the batch-composition rule of tests/equivalence.py); a full queue fails
+fast with 429."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from service.app import create_app
+from tests.equivalence import assert_images_close, assert_tokens_agree
 
 pytestmark = pytest.mark.asyncio
 
@@ -23,29 +26,39 @@ def crops(photo: np.ndarray, count: int, side: int) -> list[np.ndarray]:
 async def test_concurrent_requests_batch_and_match_single_requests(make_service, astronaut, image_bytes) -> None:
     images = [image_bytes(c) for c in crops(astronaut, 12, 64)]
     headers = {"content-type": "image/png"}
-    async with make_service(max_batch_size=8, max_wait_ms=50.0) as (_, client):
+    async with make_service(max_batch_size=8, max_wait_ms=50.0) as (app, client):
         alone = []
         for png in images:  # one at a time: every batch holds one image
             response = await client.post("/encode", content=png, headers=headers)
             assert response.headers["x-batch-size"] == "1"
             alone.append(response.json()["images"][0]["indices"])
+        again = await client.post("/encode", content=images[0], headers=headers)
+        engine = app.state.service.engine
+        pixels = torch.stack([torch.from_numpy(c).permute(2, 0, 1) for c in crops(astronaut, 12, 64)])
+        with torch.inference_mode():  # (12, h, w, D): the latent each token was chosen for
+            latents = engine.model.latents(engine.config.normalize(pixels.float() / 255.0)).permute(0, 2, 3, 1)
         together = await asyncio.gather(*(client.post("/encode", content=png, headers=headers) for png in images))
         decoded_alone = [(await client.post("/decode", json={"indices": grid})).content for grid in alone[:6]]
         decoded_together = await asyncio.gather(
             *(client.post("/decode", json={"indices": grid}) for grid in alone[:6])
         )
         metrics = (await client.get("/metrics")).text
-    assert [r.json()["images"][0]["indices"] for r in together] == alone
+    # Same input, same batch composition: identical. Alone vs batched: the batch-composition rule.
+    assert again.json()["images"][0]["indices"] == alone[0]
+    together_indices = [r.json()["images"][0]["indices"] for r in together]
+    assert_tokens_agree(together_indices, alone, latents=latents, codebook=engine.codebook_vectors())
     batch_sizes = [int(r.headers["x-batch-size"]) for r in together]
     assert max(batch_sizes) > 1, batch_sizes
-    assert [r.content for r in decoded_together] == decoded_alone
+    for batched, single in zip(decoded_together, decoded_alone, strict=True):
+        assert_images_close(batched.content, single)
     assert max(int(r.headers["x-batch-size"]) for r in decoded_together) > 1
-    # Batches of more than one image show up in the histogram: fewer observations than images.
+    # 12 alone, 1 again, 12 together; batches of more than one image show up in the histogram as
+    # fewer observations than images.
     count = float(next(line.split()[-1] for line in metrics.splitlines()
                        if line.startswith('vqtok_batch_size_count{operation="encode"}')))
     total = float(next(line.split()[-1] for line in metrics.splitlines()
                        if line.startswith('vqtok_batch_size_sum{operation="encode"}')))
-    assert total == 24.0 and count < 24.0, (count, total)
+    assert total == 25.0 and count < 25.0, (count, total)
 
 
 async def test_queue_full_fails_fast_with_429(make_service, astronaut, image_bytes) -> None:
@@ -87,8 +100,6 @@ async def test_shutdown_fails_waiting_requests_with_503(tiny_checkpoint) -> None
 
     app = create_app(service_settings(tiny_checkpoint, max_wait_ms=0.0, max_batch_size=1))
     async with app.router.lifespan_context(app):
-        import torch
-
         batcher = app.state.service.batcher
         release = threading.Event()
         original = batcher.operations["decode"]
