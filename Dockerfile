@@ -75,6 +75,7 @@ FROM deps AS builder
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
+COPY src ./src
 RUN pip wheel --no-deps --wheel-dir /dist .
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ COPY --from=deps /opt/venv /opt/venv
 COPY --from=builder /dist /tmp/dist
 RUN pip install --no-cache-dir --no-deps --no-index /tmp/dist/vqtok-*.whl \
     && rm -rf /tmp/dist \
-    && python -c "import importlib.resources as r; w = r.files('model.weights') / 'default'; assert (w / 'model.safetensors').is_file() and (w / 'config.json').is_file(), 'the bundled checkpoint model/weights/default is missing'" \
+    && python -c "import importlib.resources as r; w = r.files('vqtok.model.weights') / 'default'; assert (w / 'model.safetensors').is_file() and (w / 'config.json').is_file(), 'the bundled checkpoint model/weights/default is missing'" \
     && vqtok --help >/dev/null
 
 USER 10001:10001

@@ -1,6 +1,6 @@
 """Load benchmark of the HTTP service: throughput and latency with and without micro-batching.
 
-Starts ``python -m service`` as a real process on a free loopback port (once with batching, once with
+Starts ``python -m vqtok.service`` as a real process on a free loopback port (once with batching, once with
 ``--max-batch-size 1``), fires ``--concurrency`` clients at ``POST /encode`` (or ``/decode``) until
 ``--requests`` requests are done, and prints images/s, p50/p95/p99 latency and the mean batch size
 from /metrics. Bounded: a fixed request count, per-request timeouts, and a wall-clock deadline.
@@ -56,9 +56,9 @@ def tiny_checkpoint(directory: Path) -> Path:
     """An untrained tiny checkpoint (the serving path costs the same as with a trained one)."""
     import torch
 
-    from model.checkpoint import save_checkpoint
-    from model.config import VQVAEConfig
-    from model.vqvae import VQVAE
+    from vqtok.model.checkpoint import save_checkpoint
+    from vqtok.model.config import VQVAEConfig
+    from vqtok.model.vqvae import VQVAE
 
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(num_hiddens=32, num_residual_hiddens=8, embedding_dim=16, num_embeddings=64))
@@ -74,7 +74,7 @@ def free_port() -> int:
 def start_server(checkpoint: Path, port: int, max_batch_size: int, max_wait_ms: float, warmup_size: int
                  ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "VQTOK_LOG_LEVEL": "warning"}
-    command = [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--port", str(port),
+    command = [sys.executable, "-m", "vqtok.service", "--checkpoint", str(checkpoint), "--port", str(port),
                "--device", "cpu", "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
                "--warmup-size", str(warmup_size), "--max-queue-depth", "4096"]
     return subprocess.Popen(command, env=env, cwd=REPO)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny:
             checkpoint = tiny_checkpoint(Path(tmp))
         else:
-            from model.checkpoint import DEFAULT_CHECKPOINT
+            from vqtok.model.checkpoint import DEFAULT_CHECKPOINT
 
             checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
         print(f"checkpoint {checkpoint}, {args.operation} {args.size}x{args.size}, {args.concurrency} clients, "

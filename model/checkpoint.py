@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import VQVAEConfig
-from model.vqvae import VQVAE
+from vqtok.model.config import VQVAEConfig
+from vqtok.model.vqvae import VQVAE
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

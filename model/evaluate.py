@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, pick_device
-from model.quantizer import perplexity_of
-from model.vqvae import VQVAE
+from vqtok.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, pick_device
+from vqtok.model.quantizer import perplexity_of
+from vqtok.model.vqvae import VQVAE
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -119,7 +119,7 @@ def _batches_of_equal_shape(images: Iterable[torch.Tensor], batch_size: int) -> 
 def evaluate_spec(model: VQVAE, data: str, split: str = "heldout", crop: int | None = None,
                   batch_size: int = 16, seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Metrics of ``model`` on a data spec (see ``model.data.build_dataset``): full images or crops."""
-    from model import data as datasets  # deferred: the photo sources import scikit-image lazily
+    from vqtok.model import data as datasets  # deferred: the photo sources import scikit-image lazily
 
     if crop is None:
         images: Iterable[torch.Tensor] = (image for _, image in datasets.iter_full_images(data, split))

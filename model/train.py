@@ -1,6 +1,6 @@
-"""Offline training of a VQ-VAE tokenizer: ``vqtok train`` / ``python -m model.train``.
+"""Offline training of a VQ-VAE tokenizer: ``vqtok train`` / ``python -m vqtok.model.train``.
 
-Single process, or ``torchrun --nproc_per_node N -m model.train ...`` for DDP (nccl on GPUs, gloo
+Single process, or ``torchrun --nproc_per_node N -m vqtok.model.train ...`` for DDP (nccl on GPUs, gloo
 on CPU). The quantizer synchronises its own statistics across ranks, so every rank ends with the
 same codebook. Output directory:
 
@@ -36,12 +36,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from model import data as datasets
-from model.checkpoint import load_checkpoint, pick_device, save_checkpoint
-from model.config import VQVAEConfig
-from model.evaluate import evaluate_images, reconstruct
-from model.options import add_dataclass_arguments, dataclass_from_args
-from model.vqvae import VQVAE
+from vqtok.model import data as datasets
+from vqtok.model.checkpoint import load_checkpoint, pick_device, save_checkpoint
+from vqtok.model.config import VQVAEConfig
+from vqtok.model.evaluate import evaluate_images, reconstruct
+from vqtok.model.options import add_dataclass_arguments, dataclass_from_args
+from vqtok.model.vqvae import VQVAE
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.blocks import Decoder, Encoder
-from model.config import VQVAEConfig
-from model.quantizer import VectorQuantizer, VectorQuantizerEMA
+from vqtok.model.blocks import Decoder, Encoder
+from vqtok.model.config import VQVAEConfig
+from vqtok.model.quantizer import VectorQuantizer, VectorQuantizerEMA
 
 
 @dataclass

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import load_checkpoint
-from model.evaluate import evaluate_spec
+from vqtok.model.checkpoint import load_checkpoint
+from vqtok.model.evaluate import evaluate_spec
 
 
 def describe(path: str) -> dict[str, object]:

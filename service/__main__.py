@@ -1,4 +1,4 @@
-"""``vqtok serve`` / ``python -m service``: run the service under uvicorn, one process owning the model."""
+"""``vqtok serve`` / ``python -m vqtok.service``: run the service under uvicorn, one process owning the model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 from pydantic import ValidationError
 
-from model.checkpoint import pick_device, read_checkpoint_record
-from service.settings import add_settings_arguments, settings_from_args
+from vqtok.model.checkpoint import pick_device, read_checkpoint_record
+from vqtok.service.settings import add_settings_arguments, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vqtok serve: {exc}", file=sys.stderr)
         return 2
 
-    from service.server import serve
+    from vqtok.service.server import serve
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(settings)  # one process, one model: no workers, no reload

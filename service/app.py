@@ -14,16 +14,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from PIL import Image
 
-from service import __version__
-from service.batching import MicroBatcher
-from service.engine import Engine
-from service.errors import install_error_handlers
-from service.metrics import ServiceMetrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.routes import ServiceState, protected, public
-from service.settings import Settings
+from vqtok.service import __version__
+from vqtok.service.batching import MicroBatcher
+from vqtok.service.engine import Engine
+from vqtok.service.errors import install_error_handlers
+from vqtok.service.metrics import ServiceMetrics
+from vqtok.service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from vqtok.service.routes import ServiceState, protected, public
+from vqtok.service.settings import Settings
 
-logger = logging.getLogger("service.app")
+logger = logging.getLogger("vqtok.service.app")
 
 EngineLoader = Callable[[Settings], Engine]
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.errors import NotReady, QueueFull
+from vqtok.service.errors import NotReady, QueueFull
 
-logger = logging.getLogger("service.batching")
+logger = logging.getLogger("vqtok.service.batching")
 
 BatchFunction = Callable[[torch.Tensor], torch.Tensor]
 BatchObserver = Callable[[str, int, float], None]  # (operation, batch size, inference seconds)

@@ -11,11 +11,11 @@ import sys
 
 # subcommand -> (module, function taking argv, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "serve": ("service.__main__", "main", "run the HTTP tokenizer service"),
-    "train": ("model.train", "main", "train a VQ-VAE tokenizer offline"),
-    "evaluate": ("model.evaluate", "main", "measure a checkpoint's MSE, PSNR, perplexity, codes used"),
-    "encode": ("service.client", "encode_main", "POST images to a running service, print token grids"),
-    "decode": ("service.client", "decode_main", "POST token grids to a running service, write images"),
+    "serve": ("vqtok.service.__main__", "main", "run the HTTP tokenizer service"),
+    "train": ("vqtok.model.train", "main", "train a VQ-VAE tokenizer offline"),
+    "evaluate": ("vqtok.model.evaluate", "main", "measure a checkpoint's MSE, PSNR, perplexity, codes used"),
+    "encode": ("vqtok.service.client", "encode_main", "POST images to a running service, print token grids"),
+    "decode": ("vqtok.service.client", "decode_main", "POST token grids to a running service, write images"),
 }
 
 

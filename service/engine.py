@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint, pick_device
-from model.quantizer import perplexity_of
-from service.schemas import ModelIdentity
+from vqtok.model.checkpoint import Checkpoint, load_checkpoint, pick_device
+from vqtok.model.quantizer import perplexity_of
+from vqtok.service.schemas import ModelIdentity
 
-logger = logging.getLogger("service.engine")
+logger = logging.getLogger("vqtok.service.engine")
 
 
 class Engine:

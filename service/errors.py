@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-logger = logging.getLogger("service.errors")
+logger = logging.getLogger("vqtok.service.errors")
 
 
 class ServiceError(Exception):

@@ -15,8 +15,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.data import to_rgb_array
-from service.errors import BadRequest, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from vqtok.model.data import to_rgb_array
+from vqtok.service.errors import BadRequest, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 FitMode = Literal["pad", "crop", "resize", "none"]
 OutputFormat = Literal["png", "jpeg", "webp"]

@@ -7,8 +7,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_body
-from service.metrics import ServiceMetrics
+from vqtok.service.errors import PayloadTooLarge, error_body
+from vqtok.service.metrics import ServiceMetrics
 
 
 async def send_error(send: Send, exc: PayloadTooLarge) -> None:

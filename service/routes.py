@@ -23,10 +23,10 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service import __version__
-from service.batching import BatchResult, MicroBatcher
-from service.engine import Engine
-from service.errors import (
+from vqtok.service import __version__
+from vqtok.service.batching import BatchResult, MicroBatcher
+from vqtok.service.engine import Engine
+from vqtok.service.errors import (
     BadRequest,
     InvalidRequest,
     NotAcceptable,
@@ -35,7 +35,7 @@ from service.errors import (
     UnsupportedMediaType,
     validation_error,
 )
-from service.imaging import (
+from vqtok.service.imaging import (
     IMAGE_CONTENT_TYPES,
     FittedImage,
     Size,
@@ -46,8 +46,8 @@ from service.imaging import (
     media_type,
     parse_size,
 )
-from service.metrics import ServiceMetrics
-from service.schemas import (
+from vqtok.service.metrics import ServiceMetrics
+from vqtok.service.schemas import (
     CodebookResponse,
     DecodedImage,
     DecodeRequest,
@@ -62,8 +62,8 @@ from service.schemas import (
     InfoResponse,
     ReadyResponse,
 )
-from service.settings import Settings
-from service.tokens import grid_from_rows, grid_from_tokens, to_tokens
+from vqtok.service.settings import Settings
+from vqtok.service.tokens import grid_from_rows, grid_from_tokens, to_tokens
 
 NPY = "application/x-npy"
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.imaging import FitMode, OutputFormat
+from vqtok.service.imaging import FitMode, OutputFormat
 
 # An LLM vocabulary id (offset, bos, eos): non-negative and below 2**31, so that index + offset always
 # fits the int64 arithmetic of service.tokens.

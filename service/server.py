@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from service.app import create_app
-from service.settings import Settings
+from vqtok.service.app import create_app
+from vqtok.service.settings import Settings
 
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:

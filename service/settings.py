@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.checkpoint import DEFAULT_CHECKPOINT
+from vqtok.model.checkpoint import DEFAULT_CHECKPOINT
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -75,8 +75,8 @@ class Settings(BaseSettings):
                 f"({self.max_queue_depth}): such a request could never be queued"
             )
         if self.default_size is not None:
-            from service.errors import ServiceError
-            from service.imaging import parse_size  # local: imaging imports numpy/PIL, settings stays light
+            from vqtok.service.errors import ServiceError
+            from vqtok.service.imaging import parse_size  # local: imaging imports numpy/PIL, settings stays light
 
             try:
                 parse_size(self.default_size)

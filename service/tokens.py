@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.errors import InvalidRequest
+from vqtok.service.errors import InvalidRequest
 
 
 def to_tokens(grid: np.ndarray, offset: int, bos: int | None, eos: int | None) -> list[int]:

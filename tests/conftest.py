@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from vqtok.service.settings import Settings
 
 # ------------------------------------------------------------------------------------------------
 # Service fixtures (tests/test_service_*.py): a tiny real checkpoint and real photos.
@@ -28,9 +28,9 @@ def _train_tiny_checkpoint(directory: Path, steps: int = 300) -> Path:
     import torch
     from skimage import data
 
-    from model.checkpoint import save_checkpoint
-    from model.config import VQVAEConfig
-    from model.vqvae import VQVAE
+    from vqtok.model.checkpoint import save_checkpoint
+    from vqtok.model.config import VQVAEConfig
+    from vqtok.model.vqvae import VQVAE
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -74,7 +74,7 @@ def tiny_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     """
     import torch
 
-    from model.checkpoint import CheckpointError, load_checkpoint
+    from vqtok.model.checkpoint import CheckpointError, load_checkpoint
 
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     key = f"vqtok-{_TINY_RECIPE}-torch{torch.__version__}"
@@ -120,7 +120,7 @@ def image_bytes() -> Callable[..., bytes]:
 
 def service_settings(checkpoint: Path, **overrides: object) -> Settings:
     """``Settings`` for a test app: CPU, small warm-up and batches; ``overrides`` win over the environment."""
-    from service.settings import Settings
+    from vqtok.service.settings import Settings
 
     values: dict[str, object] = {
         "checkpoint": checkpoint, "device": "cpu", "warmup_size": 32, "max_batch_size": 8, "max_wait_ms": 2.0,
@@ -137,7 +137,7 @@ def make_service(tiny_checkpoint: Path) -> Callable[..., object]:
 
     import httpx
 
-    from service.app import create_app
+    from vqtok.service.app import create_app
 
     @contextlib.asynccontextmanager
     async def factory(**overrides: object):  # type: ignore[no-untyped-def]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import checkpoint as checkpoint_module
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
-from model.config import VQVAEConfig
-from model.vqvae import VQVAE
+from vqtok.model import checkpoint as checkpoint_module
+from vqtok.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
+from vqtok.model.config import VQVAEConfig
+from vqtok.model.vqvae import VQVAE
 
 TINY = VQVAEConfig(num_hiddens=16, num_residual_hiddens=8, embedding_dim=8, num_embeddings=32, downsample=8)
 

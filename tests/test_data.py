@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model import data
-from model.data import (
+from vqtok.model import data
+from vqtok.model.data import (
     HELDOUT_SEED,
     PHOTO_HELDOUT,
     Cifar10,

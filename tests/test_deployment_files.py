@@ -105,7 +105,7 @@ def ignored(path: str) -> bool:
 
 def settings_fields() -> dict[str, object]:
     """Settings field -> default, from the service itself (skips when it can't be imported)."""
-    settings = pytest.importorskip("service.settings", reason="service.settings does not import here")
+    settings = pytest.importorskip("vqtok.service.settings", reason="service.settings does not import here")
     defaults: dict[str, object] = {}
     for name, field in settings.Settings.model_fields.items():
         defaults[name] = field.default_factory() if field.default_factory else field.default

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from model import quantizer as quantizer_module
-from model.config import VQVAEConfig
-from model.quantizer import VectorQuantizer, VectorQuantizerEMA, kmeans, nearest_code, perplexity_of
-from model.vqvae import VQVAE
+from vqtok.model import quantizer as quantizer_module
+from vqtok.model.config import VQVAEConfig
+from vqtok.model.quantizer import VectorQuantizer, VectorQuantizerEMA, kmeans, nearest_code, perplexity_of
+from vqtok.model.vqvae import VQVAE
 
 TINY = {"num_hiddens": 16, "num_residual_hiddens": 8, "embedding_dim": 8, "num_embeddings": 32}
 

@@ -231,9 +231,9 @@ async def test_ready_is_503_until_loaded_and_warmed_up(tiny_checkpoint) -> None:
 
     import httpx
 
-    from service.app import create_app
-    from service.engine import Engine
     from tests.conftest import service_settings
+    from vqtok.service.app import create_app
+    from vqtok.service.engine import Engine
 
     release = threading.Event()
 

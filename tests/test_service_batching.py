@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.app import create_app
 from tests.equivalence import assert_images_close, assert_tokens_agree
+from vqtok.service.app import create_app
 
 pytestmark = pytest.mark.asyncio
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.checkpoint import DEFAULT_CHECKPOINT
+from vqtok.model.checkpoint import DEFAULT_CHECKPOINT
 
 pytestmark = [
     pytest.mark.asyncio,

@@ -7,10 +7,8 @@ import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from service.cli import main as vqtok
-from service.client import AsyncVQTokClient, ServiceClientError, VQTokClient
-from service.server import serve_in_thread
-from service.settings import Settings, add_settings_arguments, settings_from_args
 from tests.conftest import service_settings
+from tests.processes import free_port, wait_until_ready
+from vqtok.service.cli import main as vqtok
+from vqtok.service.client import AsyncVQTokClient, ServiceClientError, VQTokClient
+from vqtok.service.server import serve_in_thread
+from vqtok.service.settings import Settings, add_settings_arguments, settings_from_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,31 +159,16 @@ def test_python_clients(server_url: str, astronaut: np.ndarray) -> None:
     asyncio.run(run_async())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_vqtok_serve_process(tiny_checkpoint: Path) -> None:
-    """``python -m service`` configured by environment variables and flags, as a container would run it."""
-    port = _free_port()
+    """``python -m vqtok.service`` configured by environment variables and flags, as a container would run it."""
+    port = free_port()
     env = {**os.environ, "VQTOK_CHECKPOINT": str(tiny_checkpoint), "VQTOK_WARMUP_SIZE": "32",
            "VQTOK_MAX_BATCH_SIZE": "2", "PORT": str(port), "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO)}
     env.pop("VQTOK_PORT", None)
-    process = subprocess.Popen([sys.executable, "-m", "service", "--device", "cpu", "--max-wait-ms", "1"],
+    process = subprocess.Popen([sys.executable, "-m", "vqtok.service", "--device", "cpu", "--max-wait-ms", "1"],
                                env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+        wait_until_ready(process, port)
         info = httpx.get(f"http://127.0.0.1:{port}/info", timeout=10).json()
         assert info["limits"]["max_batch_size"] == 2 and info["limits"]["max_wait_ms"] == 1.0
         assert info["model"]["name"] == "test-tiny"

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from model.checkpoint import load_checkpoint
-from model.evaluate import main as evaluate_main
-from service.cli import main as vqtok
+from tests.processes import free_port
+from vqtok.model.checkpoint import load_checkpoint
+from vqtok.model.evaluate import main as evaluate_main
+from vqtok.service.cli import main as vqtok
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = [
@@ -76,7 +76,7 @@ def test_train_refuses_bad_flags_with_a_message(tmp_path: Path, capsys: pytest.C
 
 
 def test_environment_variables_set_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    from model.train import build_parser
+    from vqtok.model.train import build_parser
 
     monkeypatch.setenv("VQTOK_TRAIN_STEPS", "77")
     monkeypatch.setenv("VQTOK_MODEL_DOWNSAMPLE", "8")
@@ -99,18 +99,12 @@ def test_evaluate_names_a_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureF
     assert "checkpoint directory not found" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_process_ddp_ends_with_identical_codebooks(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "model.train", *TINY_FLAGS, "--steps", "30",
+        "--master_port", str(free_port()), "-m", "vqtok.model.train", *TINY_FLAGS, "--steps", "30",
         "--log-every", "10", "--eval-every", "0", "--dead-code-window", "5", "--device", "cpu", "--out", str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
