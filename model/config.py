@@ -7,13 +7,45 @@ plus the downsampling factor, the pixel normalisation and the codebook-health fe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 QuantizerKind = Literal["ema", "plain"]
+
+# Fields that decide what ``encode`` and ``decode`` compute: the architecture, the codebook size and
+# the pixel normalisation. The checkpoint's ``model_id`` hashes exactly these (plus the weights).
+TOKEN_FIELDS: tuple[str, ...] = (
+    "in_channels", "num_hiddens", "num_residual_hiddens", "num_residual_layers", "embedding_dim",
+    "num_embeddings", "quantizer", "downsample", "pixel_mean", "pixel_std",
+)
+# Fields read only by training (losses, EMA updates, dead-code restarts, k-means init): the inference
+# path (``VQVAE.encode`` / ``decode``: nearest-code search and lookup) never reads them, so they cannot
+# change a token or a pixel and stay out of ``model_id``. ``quantizer`` stays in TOKEN_FIELDS: it picks
+# the module that runs the search, even though both kinds search the same way today.
+TRAINING_ONLY_FIELDS: tuple[str, ...] = (
+    "commitment_cost", "decay", "epsilon", "dead_code_window", "dead_code_threshold", "kmeans_init", "kmeans_iters",
+)
+
+# Upper bounds, checked before any tensor is allocated, so a mistyped or hostile config.json is a clear
+# error instead of an out-of-memory crash. Per field: far above any VQ-VAE tokenizer (the bundled one has
+# 128 hidden channels, K=512, D=64); in total: at most MAX_PARAMETERS numbers in the model's tensors
+# (parameters and buffers; 8 GB of float32), see ``VQVAEConfig.parameter_count``.
+FIELD_MAXIMA: dict[str, int] = {
+    "in_channels": 16,
+    "num_hiddens": 4096,
+    "num_residual_hiddens": 4096,
+    "num_residual_layers": 64,
+    "embedding_dim": 4096,
+    "num_embeddings": 1 << 20,
+    "dead_code_window": 1_000_000_000,
+    "kmeans_iters": 1000,
+}
+MAX_PARAMETERS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -62,17 +94,52 @@ class VQVAEConfig:
     pixel_std: tuple[float, ...] = field(default=(1.0, 1.0, 1.0))
 
     def __post_init__(self) -> None:
-        # JSON has no tuples: accept lists and store tuples so configs compare equal after a round trip.
-        object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
-        object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+        self._check_types()
+        # JSON has no tuples: accept lists and store tuples so configs compare equal after a round trip;
+        # floats given as integers (JSON ``1``) are stored as floats.
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _field_kinds()[f.name]
+            if kind == "floats":
+                object.__setattr__(self, f.name, tuple(float(v) for v in value))
+            elif kind == "float":
+                object.__setattr__(self, f.name, float(value))
         self.validate()
 
+    def _check_types(self) -> None:
+        """Raise ``TypeError`` naming the first field whose value has the wrong type.
+
+        Strict, as JSON gives it: ``True`` is not an integer and ``"128"`` is not a number.
+        """
+        for name, kind in _field_kinds().items():
+            value = getattr(self, name)
+            if kind == "int" and not _is_int(value):
+                raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+            if kind == "float" and not _is_number(value):
+                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+            if kind == "bool" and not isinstance(value, bool):
+                raise TypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+            if kind == "str" and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+            if kind == "floats" and not (isinstance(value, list | tuple) and all(_is_number(v) for v in value)):
+                raise TypeError(f"{name} must be a list of numbers, got {value!r}")
+
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that is out of range."""
+        """Raise ``ValueError`` naming the first field that is out of range (see ``FIELD_MAXIMA``).
+
+        Every bound is checked arithmetically, before a model is built: nothing is allocated.
+        """
         positive = ("in_channels", "num_hiddens", "num_residual_hiddens", "embedding_dim", "num_embeddings")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, maximum in FIELD_MAXIMA.items():
+            if getattr(self, name) > maximum:
+                raise ValueError(f"{name} must be <= {maximum}, got {getattr(self, name)}")
+        for name, kind in _field_kinds().items():  # JSON has NaN and Infinity; no field takes them
+            value = getattr(self, name)
+            values = value if kind == "floats" else (value,) if kind == "float" else ()
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite, got {value}")
         if self.num_residual_layers < 0:
             raise ValueError(f"num_residual_layers must be >= 0, got {self.num_residual_layers}")
         if self.downsample not in (4, 8, 16):
@@ -98,6 +165,38 @@ class VQVAEConfig:
                 raise ValueError(f"{name} needs {self.in_channels} values, got {len(getattr(self, name))}")
         if any(s <= 0 for s in self.pixel_std):
             raise ValueError(f"pixel_std must be > 0, got {self.pixel_std}")
+        if (count := self.parameter_count()) > MAX_PARAMETERS:
+            raise ValueError(
+                f"the model would hold {count:,} numbers (parameters and buffers), more than the limit of "
+                f"{MAX_PARAMETERS:,}; lower num_hiddens, num_residual_hiddens, embedding_dim or num_embeddings"
+            )
+
+    def parameter_count(self) -> int:
+        """Numbers in the model's tensors (parameters and buffers), computed from the config alone.
+
+        Mirrors ``model.blocks`` and ``model.quantizer`` exactly (a test checks it against
+        ``VQVAE(config).state_dict()``), so the size is known before anything is allocated.
+        """
+        c, h, r = self.in_channels, self.num_hiddens, self.num_residual_hiddens
+        d, k = self.embedding_dim, self.num_embeddings
+        half, extra_stages = h // 2, self.num_downsamples - 2
+        residual_stack = self.num_residual_layers * (h * r * 9 + r * h)  # 3x3 and 1x1 convs, no bias
+        # weights + biases of: the two first 4x4 stride-2 convs, the further ones, the 3x3 conv, the residual stack
+        encoder = ((c * half * 16 + half) + (half * h * 16 + h) + extra_stages * (h * h * 16 + h)
+                   + (h * h * 9 + h) + residual_stack)
+        pre_vq = h * d + d
+        quantizer = k * d + k + 1  # codebook, steps_since_used, initialized
+        if self.quantizer == "ema":
+            quantizer += k + k * d  # ema_cluster_size, ema_embedding_sum
+        # the 3x3 conv in, the residual stack, the 4x4 stride-2 transposed convs back to the image
+        decoder = ((d * h * 9 + h) + residual_stack + extra_stages * (h * h * 16 + h)
+                   + (h * half * 16 + half) + (half * c * 16 + c))
+        return encoder + pre_vq + quantizer + decoder
+
+    def token_fields(self) -> dict[str, Any]:
+        """The fields that change tokens or decoded pixels (``TOKEN_FIELDS``), JSON-friendly."""
+        everything = self.to_dict()
+        return {name: everything[name] for name in TOKEN_FIELDS}
 
     @property
     def num_downsamples(self) -> int:
@@ -110,7 +209,12 @@ class VQVAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VQVAEConfig:
-        """Build a config from ``to_dict`` output; an unknown key is a ``ValueError`` naming it."""
+        """Build a config from ``to_dict`` output; an unknown key is a ``ValueError`` naming it.
+
+        A value of the wrong type is a ``TypeError`` and one out of range (``FIELD_MAXIMA``,
+        ``MAX_PARAMETERS`` included) a ``ValueError``, both naming the field, raised before any
+        tensor is allocated. Absent keys take their defaults (older checkpoints lack newer fields).
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -128,3 +232,25 @@ class VQVAEConfig:
         mean = torch.tensor(self.pixel_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.pixel_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x * std + mean).clamp(0.0, 1.0)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@functools.cache
+def _field_kinds() -> dict[str, str]:
+    """Field name -> "int", "float", "bool", "str" (a Literal) or "floats" (a tuple of floats)."""
+    kinds: dict[str, str] = {}
+    for name, annotation in typing.get_type_hints(VQVAEConfig).items():
+        if typing.get_origin(annotation) is Literal:
+            kinds[name] = "str"
+        elif typing.get_origin(annotation) is tuple:
+            kinds[name] = "floats"
+        else:
+            kinds[name] = {int: "int", float: "float", bool: "bool", str: "str"}[annotation]
+    return kinds

@@ -151,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vqtok evaluate: {exc}", file=sys.stderr)
         return 2
     metrics["checkpoint"] = str(checkpoint.path)
+    metrics["model_id"] = checkpoint.model_id
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"checkpoint  {checkpoint.path}  ({checkpoint.name})")
+        print(f"checkpoint  {checkpoint.path}  ({checkpoint.name}, model_id {checkpoint.model_id[:12]})")
         print(f"data        {args.data} [{args.split}]  {metrics['images']} images"
               + (f", {args.crop}x{args.crop} crops" if args.crop else ", full size"))
         print(f"MSE         {metrics['mse']:.6f}   NMSE {metrics['nmse']:.4f}   PSNR {metrics['psnr']:.2f} dB")

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 from vqtok.model import data as datasets
-from vqtok.model.checkpoint import load_checkpoint, pick_device, save_checkpoint
+from vqtok.model.checkpoint import load_checkpoint, pick_device, read_checkpoint_record, save_checkpoint
 from vqtok.model.config import VQVAEConfig
 from vqtok.model.evaluate import evaluate_images, reconstruct
 from vqtok.model.options import add_dataclass_arguments, dataclass_from_args
@@ -169,17 +170,40 @@ def codebook_divergence(model: VQVAE, place: Distributed) -> float:
 
 
 def save_trainer_state(path: Path, optimizer: torch.optim.Optimizer, step: int, epoch: int) -> None:
-    """Optimizer, step and RNG states for --resume; written to a temp file and renamed (atomic)."""
+    """Optimizer, step and RNG states for --resume; written to a temp file and renamed (atomic).
+
+    Only tensors and plain Python values (dicts, lists, tuples, numbers, strings, None), so
+    ``load_trainer_state`` reads it with ``torch.load(weights_only=True)``, which runs no pickled code.
+    The RNG states are uint8 tensors; the data pipeline needs none (every item draws from its own
+    generator seeded by seed, epoch and index, see ``model.data``).
+    """
     state = {
         "optimizer": optimizer.state_dict(),
-        "step": step,
-        "epoch": epoch,
+        "step": int(step),
+        "epoch": int(epoch),
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda_rng": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """Read ``save_trainer_state``'s file with ``weights_only=True`` onto the CPU; ``ValueError`` naming the file.
+
+    The optimizer state moves to the parameters' device in ``Optimizer.load_state_dict``; the RNG
+    states must stay on the CPU for ``torch.set_rng_state``.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (--resume needs the trainer state of an earlier run in --out)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: unreadable trainer state ({exc})") from exc
+    if not isinstance(state, dict) or not {"optimizer", "step", "epoch", "torch_rng"} <= set(state):
+        raise ValueError(f"{path}: not a vqtok trainer state (expected optimizer, step, epoch and torch_rng)")
+    return state
 
 
 def save_reconstructions(path: Path, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
@@ -242,10 +266,13 @@ def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
         model = VQVAE(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if config.resume:
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_trainer_state(state_path)
         optimizer.load_state_dict(state["optimizer"])
         start_step, start_epoch = int(state["step"]), int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step),
                                                   last_epoch=start_step - 1 if start_step else -1)
     model.train()
@@ -331,10 +358,10 @@ def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
     if place.is_main:
         final, counts = evaluate_heldout(model, heldout_set, config.batch_size)
         final["ddp_codebook_max_abs_diff"] = codebook_spread
-        _save(model, optimizer, config, model_config, checkpoint_dir, state_path, config.steps, epoch,
-              started, final, counts, place, start_step)
+        model_id = _save(model, optimizer, config, model_config, checkpoint_dir, state_path, config.steps, epoch,
+                         started, final, counts, place, start_step)
         _write_figures(out, model, heldout_set, history)
-        print(json.dumps({"heldout": final, "out": str(out)}))
+        print(json.dumps({"heldout": final, "out": str(out), "model_id": model_id}))
     if place.enabled:
         dist.barrier()
         dist.destroy_process_group()
@@ -343,8 +370,8 @@ def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
 
 def _save(model: VQVAE, optimizer: torch.optim.Optimizer, config: TrainConfig, model_config: VQVAEConfig,
           checkpoint_dir: Path, state_path: Path, step: int, epoch: int, started: float,
-          heldout_metrics: dict[str, Any], counts: torch.Tensor | None, place: Distributed, start_step: int) -> None:
-    """Write the checkpoint (with its record of how it was made) and the trainer state."""
+          heldout_metrics: dict[str, Any], counts: torch.Tensor | None, place: Distributed, start_step: int) -> str:
+    """Write the checkpoint (with its record of how it was made) and the trainer state; returns its model_id."""
     device_name = (torch.cuda.get_device_name() if model.device.type == "cuda"
                    else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     metadata = {
@@ -361,6 +388,7 @@ def _save(model: VQVAE, optimizer: torch.optim.Optimizer, config: TrainConfig, m
     }
     save_checkpoint(checkpoint_dir, model, metadata)
     save_trainer_state(state_path, optimizer, step, epoch)
+    return str(read_checkpoint_record(checkpoint_dir)["model_id"])
 
 
 def _write_figures(out: Path, model: VQVAE, heldout: Dataset, history: list[dict[str, Any]]) -> None:

@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from vqtok.model.checkpoint import pick_device, read_checkpoint_record
+from vqtok.model.checkpoint import pick_device, verify_checkpoint
 from vqtok.service.settings import add_settings_arguments, settings_from_args
 
 
@@ -25,12 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = settings_from_args(args)
-    except (ValidationError, ValueError) as exc:
-        print(f"vqtok serve: invalid settings:\n{exc}", file=sys.stderr)
+    except ValidationError as exc:  # one line: each bad setting and why
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        print(f"vqtok serve: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"vqtok serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     try:  # fail before binding a port, with a message naming the problem
         pick_device(settings.device)
-        read_checkpoint_record(settings.checkpoint)
+        verify_checkpoint(settings.checkpoint)  # every check that needs no model: record, config, hash, tensors
     except ValueError as exc:  # CheckpointError is a ValueError
         print(f"vqtok serve: {exc}", file=sys.stderr)
         return 2
@@ -38,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from vqtok.service.server import serve
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(settings)  # one process, one model: no workers, no reload
-    return 0
+    return serve(settings)  # one process, one model: no workers, no reload
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""``create_app(settings)``: the FastAPI app, its lifespan (load, warm up, batch) and its middleware.
+"""``create_app(settings)``: the FastAPI app, its lifespan (bind, then load and warm up) and its middleware.
 
-One process owns the model: the lifespan loads the checkpoint once, warms it up at the largest
-batch size, starts the micro-batcher and only then reports ready.
+One process owns the model. The lifespan returns at once so the server binds its port and answers
+``/health`` immediately; the checkpoint loads and warms up in the background, and ``/ready`` is 503
+until then. A load failure is logged in one line and handed to ``on_fatal`` (the server exits).
+``drain`` finishes queued work on shutdown within ``drain_timeout_s`` and answers the rest with 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,7 +22,7 @@ from vqtok.service.batching import MicroBatcher
 from vqtok.service.engine import Engine
 from vqtok.service.errors import install_error_handlers
 from vqtok.service.metrics import ServiceMetrics
-from vqtok.service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from vqtok.service.middleware import AdmissionMiddleware, MetricsMiddleware, RequestBodyMiddleware
 from vqtok.service.routes import ServiceState, protected, public
 from vqtok.service.settings import Settings
 
@@ -32,7 +35,7 @@ VQ-VAE image tokenizer. `POST /encode` turns images into `h x w` grids of codebo
 `POST /decode` turns grids (or an LLM's flat token sequence) back into images.
 
 - `indices` are always raw codes in `[0, K)`; `tokens` = `[bos] + (row-major indices + offset) + [eos]`.
-- Errors: `{"error": "...", "error_type": "..."}` with 400/401/404/405/406/413/415/422/429/503.
+- Errors: `{"error": "...", "error_type": "..."}` with 400/401/404/405/406/408/413/415/422/429/503/504.
 - Timing headers: `x-queue-time-ms`, `x-inference-time-ms`, `x-total-time-ms`, `x-batch-size`.
 """
 
@@ -41,39 +44,63 @@ def default_loader(settings: Settings) -> Engine:
     return Engine.load(settings.checkpoint, settings.device)
 
 
-def create_app(settings: Settings | None = None, loader: EngineLoader = default_loader) -> FastAPI:
-    """The service app for ``settings`` (default: from the environment). ``loader`` builds the engine."""
+def create_app(
+    settings: Settings | None = None,
+    loader: EngineLoader = default_loader,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The service app for ``settings`` (default: from the environment). ``loader`` builds the engine;
+    ``on_fatal(message)`` is called if loading fails (the server passes its own exit)."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
     state = ServiceState(settings=settings, metrics=metrics)
     # Pillow's own bomb guard follows the service limit (our check from the header comes first anyway).
     Image.MAX_IMAGE_PIXELS = max(settings.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = await asyncio.to_thread(loader, settings)
-        batcher = MicroBatcher(
-            {"encode": engine.encode_batch, "decode": engine.decode_batch},
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            max_queue_depth=settings.max_queue_depth,
-            observe_batch=metrics.observe_batch,
-        )
-        state.engine, state.batcher = engine, batcher
-        if settings.warmup:
-            await batcher.run_in_inference_thread(lambda: engine.warm_up(settings.max_batch_size, settings.warmup_size))
-            logger.info("warm-up done: batch %d at %dx%d", settings.max_batch_size, settings.warmup_size,
-                        settings.warmup_size)
-        batcher.start()
-        state.ready = True
+    async def load_and_warm_up() -> None:
+        try:
+            engine = await asyncio.to_thread(loader, settings)
+            batcher = MicroBatcher(
+                {"encode": engine.encode_batch, "decode": engine.decode_batch},
+                max_batch_size=settings.max_batch_size,
+                max_wait_ms=settings.max_wait_ms,
+                max_queue_depth=settings.max_queue_depth,
+                observe_batch=metrics.observe_batch,
+                deadline_seconds=settings.request_timeout_s,
+            )
+            state.engine, state.batcher = engine, batcher
+            if settings.warmup:
+                await batcher.run_in_inference_thread(
+                    lambda: engine.warm_up(settings.max_batch_size, settings.warmup_size)
+                )
+                logger.info("warm-up done: batch %d at %dx%d", settings.max_batch_size, settings.warmup_size,
+                            settings.warmup_size)
+            batcher.start()
+        except Exception as exc:  # any failure to load is reported, then ends the server
+            state.failure = str(exc) or type(exc).__name__
+            logger.error("vqtok: the model failed to load: %s", state.failure)
+            if on_fatal is not None:
+                on_fatal(state.failure)
+            return
+        state.loaded = True
         metrics.ready.set(1)
         logger.info("ready: %s on %s", engine.checkpoint.name, engine.device)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.get_running_loop().create_task(load_and_warm_up(), name="vqtok-load")
+        state.loading = loading
         try:
             yield
         finally:
-            state.ready = False
+            state.draining = True
             metrics.ready.set(0)
-            await batcher.stop()
+            if not loading.done():
+                loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loading
+            if state.batcher is not None:
+                await state.batcher.stop()
 
     app = FastAPI(
         title="vqtok",
@@ -85,7 +112,34 @@ def create_app(settings: Settings | None = None, loader: EngineLoader = default_
     install_error_handlers(app)
     app.include_router(public)
     app.include_router(protected)
-    # add_middleware wraps outside-in in reverse order: metrics sees every answer, the 413s included.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    # add_middleware wraps outside-in in reverse order: metrics sees every answer (401, 413, 429 included),
+    # admission decides from headers before the body middleware reads a byte.
+    app.add_middleware(RequestBodyMiddleware, settings=lambda: (settings.max_body_bytes, settings.body_timeout_s))
+    app.add_middleware(AdmissionMiddleware, state=state)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+async def drain(state: ServiceState) -> bool:
+    """Graceful shutdown: refuse new work, let queued and running work finish within ``drain_timeout_s``,
+    then stop the batcher (what is left gets 503). True when everything finished in time."""
+    state.draining = True
+    state.metrics.ready.set(0)
+    timeout = state.settings.drain_timeout_s
+    finished = True
+    try:
+        async with asyncio.timeout(timeout):
+            while state.in_flight or (state.batcher is not None and (state.batcher.depth or state.batcher.busy)):
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        finished = False
+        logger.warning("drain: %d requests still in progress after %g s; answering them with 503",
+                       state.in_flight, timeout)
+    if state.batcher is not None:
+        await state.batcher.stop()
+    # Let the handlers that just got their 503 write it before the server closes connections.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            while state.in_flight:
+                await asyncio.sleep(0.01)
+    return finished

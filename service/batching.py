@@ -9,6 +9,11 @@ items keep queueing, so under load batches fill without any waiting at all.
 
 The queue is bounded: a submission that would take it past ``max_queue_depth`` items is refused
 at once with ``QueueFull`` (429), never parked.
+
+The dispatcher never dies of a batch: any exception while stacking, running or answering one batch
+goes to that batch's requests and dispatching goes on. Should the dispatcher task end anyway,
+``alive`` turns False (readiness reports 503) and every waiting request gets ``NotReady`` (503).
+Every submission has a deadline: past it, its items leave the queue and it gets ``DeadlineExceeded``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vqtok.service.errors import NotReady, QueueFull
+from vqtok.service.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 
 logger = logging.getLogger("vqtok.service.batching")
 
@@ -32,7 +37,7 @@ BatchFunction = Callable[[torch.Tensor], torch.Tensor]
 BatchObserver = Callable[[str, int, float], None]  # (operation, batch size, inference seconds)
 
 
-@dataclass
+@dataclass(eq=False)  # items are compared by identity (a queue removes exactly this one)
 class _Item:
     tensor: torch.Tensor
     future: asyncio.Future[torch.Tensor]
@@ -62,12 +67,15 @@ class MicroBatcher:
         max_wait_ms: float,
         max_queue_depth: int,
         observe_batch: BatchObserver | None = None,
+        deadline_seconds: float | None = None,
     ) -> None:
         self.operations = operations
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_depth = max_queue_depth
         self.observe_batch = observe_batch
+        self.deadline_seconds = deadline_seconds
+        self.failure: str | None = None  # why the dispatcher stopped, if it ever did on its own
         self._groups: OrderedDict[tuple[str, tuple[int, ...]], deque[_Item]] = OrderedDict()
         self._depth = 0
         self._arrived = asyncio.Event()
@@ -80,24 +88,47 @@ class MicroBatcher:
         """Items waiting (not counting the batch being computed)."""
         return self._depth
 
+    @property
+    def alive(self) -> bool:
+        """True while the dispatcher runs (False before ``start``, after ``stop`` or if it ever ended)."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._dispatch_forever(), name="vqtok-batcher")
+            self._task.add_done_callback(self._dispatcher_ended)
 
-    async def stop(self) -> None:
-        """Stop dispatching, fail whatever still waits with 503, and release the inference thread."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def _dispatcher_ended(self, task: asyncio.Task[None]) -> None:
+        """The dispatcher ended without ``stop``: record why and answer everyone waiting with 503."""
+        if task is not self._task:
+            return  # stop() already took over
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        self.failure = f"the batcher stopped ({reason})"
+        logger.critical("%s; the service is no longer ready", self.failure)
+        self._fail_waiting(NotReady(f"{self.failure}; the service is not ready"))
+
+    def _fail_waiting(self, error: Exception) -> None:
         for item in [*self._running, *(item for items in self._groups.values() for item in items)]:
             if not item.future.done():
-                item.future.set_exception(NotReady("the service is shutting down"))
+                item.future.set_exception(error)
         self._running = []
         self._groups.clear()
         self._depth = 0
+
+    async def stop(self) -> None:
+        """Stop dispatching, fail whatever still waits with 503, and release the inference thread."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a dispatcher that died was reported
+                await task
+        self._fail_waiting(NotReady("the service is shutting down"))
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    @property
+    def busy(self) -> bool:
+        """A batch is running on the inference thread."""
+        return bool(self._running)
 
     def run_in_inference_thread(self, function: Callable[[], object]) -> asyncio.Future[object]:
         """Run ``function`` on the inference thread (for work that must not race a batch)."""
@@ -105,8 +136,8 @@ class MicroBatcher:
 
     async def submit(self, operation: str, tensors: Sequence[torch.Tensor]) -> BatchResult:
         """Queue ``tensors`` (each one item, no batch dimension) for ``operation``; await their outputs."""
-        if self._task is None:
-            raise NotReady("the model is not ready")
+        if not self.alive:
+            raise NotReady(f"{self.failure}; the service is not ready" if self.failure else "the model is not ready")
         if operation not in self.operations:
             raise KeyError(operation)
         if self._depth + len(tensors) > self.max_queue_depth:
@@ -123,10 +154,15 @@ class MicroBatcher:
         self._depth += len(items)
         self._arrived.set()
         try:
-            outputs = [await item.future for item in items]
-        except asyncio.CancelledError:
-            for item in items:
-                item.future.cancel()  # the dispatcher skips cancelled items
+            async with asyncio.timeout(self.deadline_seconds):
+                outputs = [await item.future for item in items]
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            self._withdraw(operation, items)
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded(
+                    f"not answered within the request deadline of {self.deadline_seconds:g} s; "
+                    f"the service is overloaded, retry later", headers={"Retry-After": "1"},
+                ) from None
             raise
         return BatchResult(
             outputs=outputs,
@@ -134,6 +170,19 @@ class MicroBatcher:
             inference_seconds=max(item.finished - item.started for item in items),
             batch_sizes=sorted({item.batch_size for item in items}),
         )
+
+    def _withdraw(self, operation: str, items: list[_Item]) -> None:
+        """Take a gone request's waiting items out of the queue at once, so they hold no queue capacity
+        (a running batch finishes; its answer for them is dropped)."""
+        for item in items:
+            item.future.cancel()
+            key = (operation, tuple(item.tensor.shape))
+            queue = self._groups.get(key)
+            if queue is not None and item in queue:
+                queue.remove(item)
+                self._depth -= 1
+                if not queue:
+                    del self._groups[key]
 
     def _oldest_group(self) -> tuple[str, tuple[int, ...]] | None:
         oldest_key, oldest_time = None, float("inf")
@@ -174,35 +223,39 @@ class MicroBatcher:
         return taken
 
     async def _dispatch_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             key = await self._wait_for_batch()
             items = self._take(key)
             if not items:
                 continue
-            operation = key[0]
-            started = time.perf_counter()
-            for item in items:
-                item.started = started
-                item.batch_size = len(items)
             self._running = items
-            batch = torch.stack([item.tensor for item in items])
             try:
-                outputs = await loop.run_in_executor(self._executor, self.operations[operation], batch)
+                await self._run_batch(key[0], items)
             except asyncio.CancelledError:
                 raise  # stop(): it answers the items in self._running
             except Exception as exc:  # hand the failure to each waiting request; keep dispatching
-                logger.exception("batch of %d for %s failed", len(items), operation)
-                self._running = []
+                logger.exception("batch of %d for %s failed", len(items), key[0])
+                failure = InferenceFailed(
+                    f"{key[0]} failed on a batch of {len(items)} ({type(exc).__name__}: {exc}); retry",
+                    headers={"Retry-After": "1"},
+                )
                 for item in items:
                     if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
+                        item.future.set_exception(failure)
             self._running = []
-            finished = time.perf_counter()
-            if self.observe_batch is not None:
-                self.observe_batch(operation, len(items), finished - started)
-            for index, item in enumerate(items):
-                item.finished = finished
-                if not item.future.done():
-                    item.future.set_result(outputs[index])
+
+    async def _run_batch(self, operation: str, items: list[_Item]) -> None:
+        """Stack the items into one (B, ...) tensor, run ``operation`` on the inference thread, answer each."""
+        started = time.perf_counter()
+        for item in items:
+            item.started = started
+            item.batch_size = len(items)
+        batch = torch.stack([item.tensor for item in items])
+        outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.operations[operation], batch)
+        finished = time.perf_counter()
+        if self.observe_batch is not None:
+            self.observe_batch(operation, len(items), finished - started)
+        for index, item in enumerate(items):
+            item.finished = finished
+            if not item.future.done():
+                item.future.set_result(outputs[index])

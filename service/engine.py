@@ -39,7 +39,7 @@ class Engine:
     def load(cls, path: Path, device_choice: str) -> Engine:
         device = pick_device(device_choice)
         checkpoint = load_checkpoint(path, device)
-        logger.info("loaded checkpoint %s (%s) on %s", checkpoint.name, checkpoint.weights_sha256[:12], device)
+        logger.info("loaded checkpoint %s (model_id %s) on %s", checkpoint.name, checkpoint.model_id[:12], device)
         return cls(checkpoint, device)
 
     @property
@@ -50,6 +50,7 @@ class Engine:
         return ModelIdentity(
             name=self.checkpoint.name,
             weights_sha256=self.checkpoint.weights_sha256,
+            model_id=self.checkpoint.model_id,
             num_embeddings=self.config.num_embeddings,
             embedding_dim=self.config.embedding_dim,
             downsample=self.config.downsample,
@@ -117,7 +118,8 @@ class Engine:
             return self.model.codebook.detach().float().cpu().clone()
 
     def checkpoint_info(self) -> dict[str, Any]:
-        """Path and the JSON-friendly training metadata, without the bulky usage counts."""
-        skip = {"codebook_usage", "weights_sha256", "weights_file"}
+        """The checkpoint folder's name (never an absolute path: /info must not map the server's
+        filesystem) and the JSON-friendly training metadata, without the bulky usage counts."""
+        skip = {"codebook_usage", "weights_sha256", "weights_file", "model_id"}  # identity is in ``model``
         extra = {k: v for k, v in self.checkpoint.metadata.items() if k not in skip}
-        return {"path": str(self.checkpoint.path), **extra}
+        return {"path": self.checkpoint.path.name, **extra}

@@ -78,14 +78,34 @@ class QueueFull(ServiceError):
     status, error_type = 429, "queue_full"
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send its whole body within ``body_timeout_s``."""
+
+    status, error_type = 408, "request_timeout"
+
+
 class NotReady(ServiceError):
+    """Still loading, shutting down, or the batcher stopped."""
+
     status, error_type = 503, "not_ready"
+
+
+class InferenceFailed(ServiceError):
+    """The model raised on the batch holding this request (e.g. out of memory); the service goes on."""
+
+    status, error_type = 503, "inference_failed"
+
+
+class DeadlineExceeded(ServiceError):
+    """Queued and computed for longer than ``request_timeout_s``."""
+
+    status, error_type = 504, "deadline_exceeded"
 
 
 _STATUS_ERRORS: dict[int, type[ServiceError]] = {
     cls.status: cls
     for cls in (BadRequest, Unauthorized, NotFound, MethodNotAllowed, NotAcceptable, PayloadTooLarge,
-                UnsupportedMediaType, InvalidRequest, QueueFull, NotReady)
+                UnsupportedMediaType, InvalidRequest, QueueFull, RequestTimeout, NotReady, DeadlineExceeded)
 }
 
 

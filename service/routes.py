@@ -6,13 +6,13 @@ JSON grids, NumPy arrays or image files.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import hmac
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -31,20 +31,23 @@ from vqtok.service.errors import (
     InvalidRequest,
     NotAcceptable,
     NotReady,
-    Unauthorized,
     UnsupportedMediaType,
     validation_error,
 )
 from vqtok.service.imaging import (
     IMAGE_CONTENT_TYPES,
+    MAX_SIDE,
+    DecodeBudget,
     FittedImage,
     Size,
-    check_encoded_tokens,
-    decode_image,
+    check_image_grid,
+    check_target_size,
     encode_image_bytes,
-    fit_image,
+    grid_of,
+    load_fitted,
     media_type,
     parse_size,
+    probe_image,
 )
 from vqtok.service.metrics import ServiceMetrics
 from vqtok.service.schemas import (
@@ -76,25 +79,34 @@ class ServiceState:
     metrics: ServiceMetrics
     engine: Engine | None = None
     batcher: MicroBatcher | None = None
-    ready: bool = False
+    loaded: bool = False  # the model is loaded and warmed up
+    draining: bool = False  # shutting down: no new work, queued work finishing
+    failure: str | None = None  # why loading failed, if it did
+    in_flight: int = 0  # admitted /encode and /decode requests in progress (AdmissionMiddleware)
+    loading: asyncio.Task[None] | None = None  # the background load and warm-up
+    # Pixels of uploaded images being decoded at once, across all requests (max_decode_pixels).
+    decode_budget: DecodeBudget = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.decode_budget = DecodeBudget(self.settings.max_decode_pixels, self.settings.decode_wait_s)
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, warm, not draining, and the batcher's dispatcher is running."""
+        return self.loaded and not self.draining and self.batcher is not None and self.batcher.alive
+
+    def not_ready_reason(self) -> str:
+        if self.failure:
+            return f"the model failed to load: {self.failure}"
+        if self.draining:
+            return "the service is shutting down"
+        if self.batcher is not None and self.batcher.failure:
+            return f"{self.batcher.failure}; the service is not ready"
+        return "the model is not loaded and warmed up yet; poll /ready"
 
 
 def get_state(request: Request) -> ServiceState:
     return request.app.state.service
-
-
-def require_api_key(request: Request, state: Annotated[ServiceState, Depends(get_state)]) -> None:
-    """401 unless ``Authorization: Bearer <VQTOK_API_KEY>`` (constant-time compare); a no-op without a key."""
-    if state.settings.api_key is None:
-        return
-    expected = state.settings.api_key.get_secret_value().encode()
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if not header:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", headers=challenge)
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-        raise Unauthorized("wrong API key", headers=challenge)
 
 
 @dataclass
@@ -109,7 +121,7 @@ class Ready:
 
 def require_ready(state: Annotated[ServiceState, Depends(get_state)]) -> Ready:
     if not state.ready or state.engine is None or state.batcher is None:
-        raise NotReady("the model is not loaded and warmed up yet; poll /ready")
+        raise NotReady(state.not_ready_reason())
     return Ready(state.settings, state.metrics, state.engine, state.batcher)
 
 
@@ -122,8 +134,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     )
 }
 
+# The API key of protected routes is checked by AdmissionMiddleware, before any body is read.
 public = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+protected = APIRouter()
 
 
 def _accepts(request: Request, media: str) -> bool:
@@ -140,7 +153,8 @@ def _timing_headers(result: BatchResult) -> dict[str, str]:
 
 def _model_headers(engine: Engine) -> dict[str, str]:
     identity = engine.identity()
-    return {"x-vqtok-model": identity.name, "x-vqtok-weights-sha256": identity.weights_sha256}
+    return {"x-vqtok-model": identity.name, "x-vqtok-weights-sha256": identity.weights_sha256,
+            "x-vqtok-model-id": identity.model_id}
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -167,11 +181,26 @@ def _merge_options(query: EncodeOptions, fields: dict[str, Any], prefix: str) ->
         raise validation_error(exc, (prefix,)) from exc
 
 
+async def _check_multipart_complete(request: Request) -> None:
+    """``BadRequest`` unless the multipart body ends with its closing boundary: the parser silently
+    drops an unterminated last part, which would lose an image without a word."""
+    params = dict(
+        part.strip().split("=", 1) for part in request.headers.get("content-type", "").split(";")[1:] if "=" in part
+    )
+    boundary = params.get("boundary", "").strip('"')
+    if not boundary:
+        raise BadRequest("unreadable multipart body: the Content-Type has no boundary parameter")
+    if not (await request.body()).rstrip(b"\r\n").endswith(f"--{boundary}--".encode("latin-1")):
+        raise BadRequest(f"unreadable multipart body: it does not end with its closing boundary '--{boundary}--' "
+                         "(truncated?)")
+
+
 async def _read_encode_body(request: Request, query: EncodeOptions, settings: Settings
                             ) -> tuple[list[tuple[str, bytes]], EncodeOptions]:
     """The request's images as (name for messages, file bytes), and its options (body over query)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
+        await _check_multipart_complete(request)
         try:
             form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=100,
                                       max_part_size=1 << 20)
@@ -211,20 +240,41 @@ async def _read_encode_body(request: Request, query: EncodeOptions, settings: Se
     )
 
 
+def _check_request_tokens(counts: Sequence[int], limit: int, what: str, hint: str) -> None:
+    """``InvalidRequest`` when the grids of one request hold more than ``max_tokens_per_request`` tokens."""
+    total = sum(counts)
+    if total > limit:
+        raise InvalidRequest(
+            f"{len(counts)} {what} hold {total} tokens in all, over the limit of {limit} tokens per request "
+            f"(max_tokens_per_request); {hint}"
+        )
+
+
 def _prepare_images(images: Sequence[tuple[str, bytes]], size: Size | None, options: EncodeOptions,
-                    settings: Settings, downsample: int) -> list[FittedImage]:
-    """Decode and fit every image (runs in the threadpool)."""
-    fitted = []
-    for where, data in images:
-        pixels = decode_image(data, settings.max_pixels, where)
-        image = fit_image(pixels, size, options.fit, downsample, where)
-        check_encoded_tokens(image.encoded, downsample, settings.max_tokens_per_grid, where)
-        fitted.append(image)
-    return fitted
+                    settings: Settings, downsample: int, budget: DecodeBudget) -> list[FittedImage]:
+    """Check every image from its header, then decode and fit them one at a time (runs in the threadpool).
+
+    Nothing is decoded until every image's pixels, grid and the request's token total are known to be
+    within the limits; each decode then holds its pixels in the process-wide ``budget``."""
+    headers = [probe_image(data, settings.max_pixels, where) for where, data in images]
+    tokens = [check_image_grid(header, size, options.fit, downsample, settings.max_tokens_per_grid, where)
+              for header, (where, _) in zip(headers, images, strict=True)]
+    _check_request_tokens(tokens, settings.max_tokens_per_request, "encoded images",
+                          "send fewer images per request or a smaller size")
+    return [load_fitted(data, header, size, options.fit, downsample, budget, settings.max_pixels, where)
+            for header, (where, data) in zip(headers, images, strict=True)]
 
 
 def _image_size(size: Size) -> ImageSize:
     return ImageSize(width=size.width, height=size.height)
+
+
+def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """A nullable option's schema as a form field: a form cannot send null, only leave the field out."""
+    branches = [b for b in schema.get("anyOf", []) if b.get("type") != "null"]
+    if len(branches) == 1:
+        return {**{k: v for k, v in schema.items() if k != "anyOf"}, **branches[0]}
+    return schema
 
 
 ENCODE_BODY = {
@@ -234,11 +284,13 @@ ENCODE_BODY = {
             "multipart/form-data": {"schema": {
                 "type": "object",
                 "properties": {
-                    "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                              "description": "one or more image files (repeat the part)"},
-                    **{k: v for k, v in EncodeOptions.model_json_schema()["properties"].items()},
+                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                              "description": "one or more image files (repeat the part); bytes that are no "
+                              "image in a supported format are a 415"},
+                    **{k: _form_field(v) for k, v in EncodeOptions.model_json_schema()["properties"].items()},
                 },
                 "required": ["image"],
+                "additionalProperties": False,
             }},
             "application/json": {"schema": EncodeJSONRequest.model_json_schema()},
             **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in IMAGE_CONTENT_TYPES[:4]},
@@ -273,10 +325,17 @@ async def encode(
         raise InvalidRequest(
             f"{len(images)} images in one request, the limit is {settings.max_images_per_request}"
         )
+    downsample = engine.config.downsample
+    size_name = "size" if options.size is not None else "default_size"
     size_text = options.size if options.size is not None else settings.default_size
     size = parse_size(size_text) if size_text is not None else None
-    downsample = engine.config.downsample
-    fitted = await run_in_threadpool(_prepare_images, images, size, options, settings, downsample)
+    if size is not None:  # from the numbers alone, before any image is read past its header
+        check_target_size(size, downsample, settings.max_tokens_per_grid, settings.max_pixels, size_name)
+        grid_h, grid_w = grid_of(size, downsample)
+        _check_request_tokens([grid_h * grid_w] * len(images), settings.max_tokens_per_request,
+                              f"images at {size_name} {size}", "send fewer images per request or a smaller size")
+    budget = get_state(request).decode_budget
+    fitted = await run_in_threadpool(_prepare_images, images, size, options, settings, downsample, budget)
 
     want_npy = _accepts(request, NPY)
     if want_npy and len({image.encoded for image in fitted}) > 1:
@@ -327,25 +386,85 @@ def require_json(request: Request) -> None:
         )
 
 
-def _grids_from_request(body: DecodeRequest, num_embeddings: int, max_tokens: int, max_grids: int
-                        ) -> tuple[list[np.ndarray], bool]:
-    """The request's grids as (h, w) int64 raw indices, and whether it named a single grid."""
+@dataclass(frozen=True)
+class _GridSources:
+    """A /decode request's grids as sent (rows of indices, or flat token sequences), before any array exists."""
+
+    sources: list[Any]
+    names: list[str]  # for messages: "indices", "indices[2]", "tokens[0]", ...
+    shapes: list[tuple[int, int] | None]  # (h, w) as declared (None: empty or malformed, refused later)
+    single: bool
+
+
+def _grid_sources(body: DecodeRequest, max_grids: int) -> _GridSources:
+    """Split the request into its grids and read each one's declared shape: counts only, nothing built."""
     if body.indices is not None:
         single = bool(body.indices) and bool(body.indices[0]) and not isinstance(body.indices[0][0], list)
-        grids_rows: list[Any] = [body.indices] if single else list(body.indices)
-        names = ["indices"] if single else [f"indices[{i}]" for i in range(len(grids_rows))]
-        _check_count(len(grids_rows), max_grids, "grids")
-        grids = [grid_from_rows(rows, body.offset, num_embeddings, max_tokens, name)
-                 for rows, name in zip(grids_rows, names, strict=True)]
-        return grids, single
+        sources: list[Any] = [body.indices] if single else list(body.indices)
+        names = ["indices"] if single else [f"indices[{i}]" for i in range(len(sources))]
+        _check_count(len(sources), max_grids, "grids")
+        # The first row's length stands for the width; a ragged grid is refused before any array is built.
+        shapes = [(len(rows), len(rows[0])) if rows and isinstance(rows[0], list) and rows[0] else None
+                  for rows in sources]
+        return _GridSources(sources, names, shapes, single)
     assert body.tokens is not None and body.grid is not None
     single = not body.tokens or not isinstance(body.tokens[0], list)
-    sequences: list[Any] = [body.tokens] if single else list(body.tokens)
-    names = ["tokens"] if single else [f"tokens[{i}]" for i in range(len(sequences))]
-    _check_count(len(sequences), max_grids, "token sequences")
-    grids = [grid_from_tokens(seq, body.grid, body.offset, body.bos, body.eos, num_embeddings, max_tokens, name)
-             for seq, name in zip(sequences, names, strict=True)]
-    return grids, single
+    sources = [body.tokens] if single else list(body.tokens)
+    names = ["tokens"] if single else [f"tokens[{i}]" for i in range(len(sources))]
+    _check_count(len(sources), max_grids, "token sequences")
+    h, w = body.grid
+    shape = (h, w) if h >= 1 and w >= 1 else None
+    return _GridSources(sources, names, [shape] * len(sources), single)
+
+
+def _check_decode_limits(grids: _GridSources, crops: Sequence[Size | None], body: DecodeRequest,
+                         settings: Settings, downsample: int) -> None:
+    """Refuse, from the declared shapes alone, a /decode whose grids, images or files would be over a limit:
+    tokens per grid and per request, pixels per decoded image, crop_to inside the image, and the longest
+    side the output format can store."""
+    f, max_tokens = downsample, settings.max_tokens_per_grid
+    for name, shape in zip(grids.names, grids.shapes, strict=True):
+        if shape is not None and shape[0] * shape[1] > max_tokens:
+            raise InvalidRequest(
+                f"{name}: grid {shape[0]}x{shape[1]} = {shape[0] * shape[1]} tokens is over the limit of "
+                f"{max_tokens} tokens per grid"
+            )
+    _check_request_tokens([h * w for h, w in filter(None, grids.shapes)], settings.max_tokens_per_request,
+                          "grids", "send fewer or smaller grids per request")
+    limit = MAX_SIDE[body.format]
+    for i, (name, shape, crop) in enumerate(zip(grids.names, grids.shapes, crops, strict=True)):
+        if shape is None:
+            continue
+        h, w = shape
+        decoded = Size(width=w * f, height=h * f)
+        if decoded.pixels > settings.max_pixels:
+            raise InvalidRequest(
+                f"{name}: grid {h}x{w} decodes to a {decoded} image = {decoded.pixels} pixels, over the limit of "
+                f"{settings.max_pixels} pixels per image"
+            )
+        if crop is not None and (crop.width > decoded.width or crop.height > decoded.height):
+            where = "crop_to" if not isinstance(body.crop_to, list) else f"crop_to[{i}]"
+            raise InvalidRequest(
+                f"{where}: {crop} is larger than the decoded image {decoded} of grid {i}"
+            )
+        out = crop or decoded
+        if out.width > limit or out.height > limit:
+            cropped = f", cropped to {crop}" if crop is not None else ""
+            raise InvalidRequest(
+                f"{name}: {body.format} images are at most {limit} pixels on a side; grid {h}x{w} decodes to "
+                f"{decoded}{cropped}; ask for format=png, or crop_to or a grid within the limit"
+            )
+
+
+def _grids_from_request(body: DecodeRequest, grids: _GridSources, num_embeddings: int, max_tokens: int
+                        ) -> list[np.ndarray]:
+    """The request's grids as (h, w) int64 raw indices (runs in the threadpool, after the limits passed)."""
+    if body.indices is not None:
+        return [grid_from_rows(rows, body.offset, num_embeddings, max_tokens, name)
+                for rows, name in zip(grids.sources, grids.names, strict=True)]
+    assert body.grid is not None
+    return [grid_from_tokens(seq, body.grid, body.offset, body.bos, body.eos, num_embeddings, max_tokens, name)
+            for seq, name in zip(grids.sources, grids.names, strict=True)]
 
 
 def _check_count(count: int, limit: int, what: str) -> None:
@@ -393,19 +512,14 @@ def _render_images(pixels: Sequence[np.ndarray], crops: Sequence[Size | None], b
 async def decode(body: DecodeRequest, request: Request, ready: Annotated[Ready, Depends(require_ready)]) -> Response:
     """Decode ``indices`` (raw or offset) or an LLM's flat ``tokens`` back to images."""
     settings, engine = ready.settings, ready.engine
-    grids, single = await run_in_threadpool(
-        _grids_from_request, body, engine.config.num_embeddings, settings.max_tokens_per_grid,
-        settings.max_images_per_request,
-    )
-    crops = _crop_sizes(body.crop_to, len(grids))
     f = engine.config.downsample
-    for i, (grid, crop) in enumerate(zip(grids, crops, strict=True)):
-        if crop is not None and (crop.width > grid.shape[1] * f or crop.height > grid.shape[0] * f):
-            where = "crop_to" if not isinstance(body.crop_to, list) else f"crop_to[{i}]"
-            raise InvalidRequest(
-                f"{where}: {crop.width}x{crop.height} is larger than the decoded image "
-                f"{grid.shape[1] * f}x{grid.shape[0] * f} of grid {i}"
-            )
+    sources = _grid_sources(body, settings.max_images_per_request)
+    single = sources.single
+    crops = _crop_sizes(body.crop_to, len(sources.sources))
+    _check_decode_limits(sources, crops, body, settings, f)  # before any array is built
+    grids = await run_in_threadpool(
+        _grids_from_request, body, sources, engine.config.num_embeddings, settings.max_tokens_per_grid,
+    )
     result = await ready.batcher.submit("decode", [torch.from_numpy(grid) for grid in grids])
     pixels = [output.numpy() for output in result.outputs]  # each (H, W, 3) uint8
     files = await run_in_threadpool(_render_images, pixels, crops, body)
@@ -484,7 +598,7 @@ async def health() -> HealthResponse:
 @public.get("/ready", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}}, summary="Readiness")
 async def ready_endpoint(state: Annotated[ServiceState, Depends(get_state)]) -> ReadyResponse:
     if not state.ready:
-        raise NotReady("the model is not loaded and warmed up yet")
+        raise NotReady(state.not_ready_reason())
     return ReadyResponse(ready=True, status="ready")
 
 
@@ -492,4 +606,5 @@ async def ready_endpoint(state: Annotated[ServiceState, Depends(get_state)]) -> 
 async def metrics(state: Annotated[ServiceState, Depends(get_state)]) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
+    state.metrics.ready.set(1 if state.ready else 0)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

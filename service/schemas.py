@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from vqtok.service.imaging import FitMode, OutputFormat
 
@@ -17,7 +17,16 @@ from vqtok.service.imaging import FitMode, OutputFormat
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 # A value sent back to /decode: anything int64 holds; values outside [offset, offset + K) are refused
 # later with their position, values beyond int64 here with their field location.
-WireInt = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+# The schema publishes JSON's exactly representable integers (|v| < 2^53): beyond them clients and
+# fuzzers lose precision, and such a value is outside [offset, offset + K) anyway.
+WireInt = Annotated[
+    int, Field(ge=-(2**63), lt=2**63),
+    WithJsonSchema({"type": "integer", "minimum": -(2**53 - 1), "maximum": 2**53 - 1}),
+]
+
+
+# 'N' or 'WxH', positive, at most six digits each (what service.imaging.parse_size reads).
+SIZE_PATTERN = r"^\s*[1-9][0-9]{0,5}\s*(?:[xX×]\s*[1-9][0-9]{0,5})?\s*$"
 
 
 class ErrorResponse(BaseModel):
@@ -28,10 +37,14 @@ class ErrorResponse(BaseModel):
 
 
 class ModelIdentity(BaseModel):
-    """Which tokenizer produced or reads the tokens: compare ``weights_sha256`` before mixing token sets."""
+    """Which tokenizer produced or reads the tokens: compare ``model_id`` before mixing token sets."""
 
     name: str
-    weights_sha256: str
+    weights_sha256: str = Field(description="sha256 of the weights file alone")
+    model_id: str = Field(
+        description="sha256 over the weights and every config field that changes tokens (architecture, "
+        "codebook size, pixel normalisation): equal ids tokenize identically; compare it before mixing token sets"
+    )
     num_embeddings: int = Field(description="K: indices are in [0, K)")
     embedding_dim: int = Field(description="D: size of one codebook vector")
     downsample: int = Field(description="f: image side / grid side")
@@ -50,6 +63,8 @@ class EncodeOptions(BaseModel):
     size: str | None = Field(
         None, description="target size 'N' (square) or 'WxH', multiples of the downsample factor; "
         "default: the server's default_size, else each image's own size", examples=["256", "320x240"],
+        # published for clients (parse_size enforces it with its own message, naming the value)
+        json_schema_extra={"pattern": SIZE_PATTERN},
     )
     fit: FitMode = Field(
         "pad", description="pad: keep the aspect, pad bottom/right with replicated edge pixels (content_size "
@@ -71,7 +86,12 @@ class EncodeOptions(BaseModel):
 class EncodeJSONRequest(EncodeOptions):
     """``POST /encode`` with ``Content-Type: application/json``; option fields here override the query."""
 
-    images: list[str] = Field(description="base64 image files (PNG, JPEG, WebP, GIF, BMP, TIFF); data: URLs accepted")
+    # minItems/minLength are published for clients; the handler refuses empty input with its own message.
+    images: list[Annotated[str, Field(json_schema_extra={"format": "byte", "minLength": 1})]] = Field(
+        json_schema_extra={"minItems": 1},
+        description="base64 image files (PNG, JPEG, WebP, GIF, BMP, TIFF); data: URLs accepted. Bytes that are "
+        "no image in a supported format are a 415",
+    )
 
 
 class EncodedImage(BaseModel):
@@ -96,10 +116,35 @@ class EncodeResponse(BaseModel):
     images: list[EncodedImage]
 
 
+def _one_grid_source(schema: dict[str, Any]) -> None:
+    """Make ``DecodeRequest``'s schema say what its validator enforces: exactly one of ``indices`` or
+    ``tokens`` (with ``grid``), none of the three null (leave a field out instead)."""
+    def non_empty(node: dict[str, Any]) -> None:  # every nesting level holds at least one item
+        if node.get("type") == "array":
+            node.setdefault("minItems", 1)
+            for child in [node.get("items"), *node.get("prefixItems", [])]:
+                if isinstance(child, dict):
+                    non_empty(child)
+                    if child.get("type") == "integer" and name == "grid":
+                        child["minimum"] = 1  # a grid is at least 1x1
+        for branch in node.get("anyOf", []):
+            non_empty(branch)
+
+    for name in ("indices", "tokens", "grid"):
+        field = schema["properties"][name]
+        field["anyOf"] = [branch for branch in field["anyOf"] if branch.get("type") != "null"]
+        field.pop("default", None)
+        non_empty(field)
+    schema["oneOf"] = [
+        {"required": ["indices"], "not": {"required": ["tokens"]}},
+        {"required": ["tokens", "grid"], "not": {"required": ["indices"]}},
+    ]
+
+
 class DecodeRequest(BaseModel):
     """``POST /decode``: one or several grids as ``indices``, or as flat ``tokens`` with their ``grid``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _one_grid_source(schema))
 
     indices: list[list[list[WireInt]]] | list[list[WireInt]] | None = Field(
         None, description="one h x w grid, or a list of grids; `offset` is subtracted from every value"

@@ -1,6 +1,9 @@
 """Run the app under uvicorn: in the foreground (``vqtok serve``) or on a background thread (tests, benchmarks).
 
-Always one process and one event loop: the model lives once, in that process.
+Always one process and one event loop: the model lives once, in that process. The port is bound
+before the model loads (``/health`` answers at once). On SIGTERM or Ctrl+C the server stops
+accepting, drains queued work (``drain_timeout_s``), answers what is left with a JSON 503, and the
+process exits 0; a model that fails to load ends it with exit status 3 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -9,24 +12,63 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import uvicorn
 
-from vqtok.service.app import create_app
+from vqtok.service.app import create_app, drain
+from vqtok.service.routes import ServiceState
 from vqtok.service.settings import Settings
 
+EXIT_LOAD_FAILED = 3
 
-def uvicorn_config(settings: Settings) -> uvicorn.Config:
-    return uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
-        timeout_graceful_shutdown=10, access_log=settings.log_level == "debug",
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain before its own shutdown, and no re-raised signal after it."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+
+    def fail(self, message: str) -> None:
+        """The model failed to load: stop serving, exit non-zero."""
+        self.exit_code = EXIT_LOAD_FAILED
+        self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # stop accepting new connections first
+            server.close()
+        await drain(self.state)
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises SIGINT/SIGTERM after a graceful shutdown, which turns Ctrl+C into a
+        # KeyboardInterrupt traceback and SIGTERM into exit status 143. A drained stop is a clean exit.
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
+
+
+def build_server(settings: Settings) -> DrainingServer:
+    app = create_app(settings, on_fatal=lambda message: server.fail(message))  # `server` is bound below
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
+        # the app drains first (drain_timeout_s); uvicorn's own wait only covers writing the answers
+        timeout_graceful_shutdown=5, access_log=settings.log_level == "debug",
     )
+    server = DrainingServer(config, app.state.service)
+    return server
 
 
-def serve(settings: Settings) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM."""
-    uvicorn.Server(uvicorn_config(settings)).run()
+def serve(settings: Settings) -> int:
+    """Serve in the foreground until SIGINT/SIGTERM; the process exit status."""
+    server = build_server(settings)
+    server.run()
+    return server.exit_code
 
 
 @contextlib.contextmanager
@@ -36,14 +78,16 @@ def serve_in_thread(settings: Settings, startup_timeout: float = 120.0) -> Itera
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(settings))
+    server = build_server(settings)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="vqtok-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
+    while not (server.started and server.state.ready):
+        if not thread.is_alive() or server.state.failure or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(timeout=30)
             sock.close()
-            raise RuntimeError("the vqtok server did not start (see the log above)")
+            raise RuntimeError(f"the vqtok server did not start: {server.state.failure or 'see the log above'}")
         time.sleep(0.02)
     try:
         yield f"http://{settings.host}:{port}"

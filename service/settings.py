@@ -63,32 +63,79 @@ class Settings(BaseSettings):
         None, description="target size ('N' or 'WxH') for /encode requests that give none; "
         "unset keeps each image's size"
     )
+    max_tokens_per_request: int = Field(
+        262_144, ge=1, description="tokens of all grids of one /encode answer or one /decode request "
+        "(at least max_tokens_per_grid), checked before any image or grid is decoded"
+    )
+    max_decode_pixels: int = Field(
+        80_000_000, ge=1, description="pixels of uploaded images being decoded at once, all requests together "
+        "(at least max_pixels); an image waits for room, at most decode_wait_s"
+    )
+    decode_wait_s: float = Field(
+        5.0, ge=0.0, le=600.0, description="how long an image waits for max_decode_pixels to have room; "
+        "past it 429 with Retry-After"
+    )
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="requests being read, parsed or computed at once; past it /encode and /decode "
+        "answer 429 before reading the body"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="time to receive a whole request body; past it 408 and the "
+        "connection closes"
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="deadline for a request's queued work; past it 504"
+    )
+    drain_timeout_s: float = Field(
+        20.0, ge=0.0, le=3600.0, description="on SIGTERM, how long queued and running requests may finish; "
+        "what is left then gets 503"
+    )
     warmup: bool = Field(True, description="run one max_batch_size batch through encode and decode at startup")
     warmup_size: int = Field(256, ge=16, le=4096, description="side of the warm-up images")
     log_level: LogLevel = Field("info", description="logging level of the service and uvicorn")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError(
+                "api_key is set but empty: unset VQTOK_API_KEY to run without a key, or give a non-empty key"
+            )
         if self.max_images_per_request > self.max_queue_depth:
             raise ValueError(
                 f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue_depth "
                 f"({self.max_queue_depth}): such a request could never be queued"
+            )
+        if self.max_tokens_per_request < self.max_tokens_per_grid:
+            raise ValueError(
+                f"max_tokens_per_request ({self.max_tokens_per_request}) must be at least max_tokens_per_grid "
+                f"({self.max_tokens_per_grid}): a grid the per-grid limit allows could never be sent"
+            )
+        if self.max_decode_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_decode_pixels ({self.max_decode_pixels}) must be at least max_pixels ({self.max_pixels}): "
+                "an image the per-image limit allows could never be decoded"
             )
         if self.default_size is not None:
             from vqtok.service.errors import ServiceError
             from vqtok.service.imaging import parse_size  # local: imaging imports numpy/PIL, settings stays light
 
             try:
-                parse_size(self.default_size)
+                default = parse_size(self.default_size)
             except ServiceError as exc:
                 raise ValueError(f"default_size: {exc.message}") from exc
+            if default.pixels > self.max_pixels:
+                raise ValueError(
+                    f"default_size {default} = {default.pixels} pixels is over max_pixels ({self.max_pixels})"
+                )
         return self
 
     def limits(self) -> dict[str, Any]:
         """The request limits and batching knobs, as /info publishes them."""
         names = (
             "max_batch_size", "max_wait_ms", "max_queue_depth", "max_body_bytes", "max_pixels",
-            "max_images_per_request", "max_tokens_per_grid", "default_size",
+            "max_images_per_request", "max_tokens_per_grid", "default_size", "max_tokens_per_request",
+            "max_decode_pixels", "decode_wait_s", "max_concurrent_requests",
+            "body_timeout_s", "request_timeout_s", "drain_timeout_s",
         )
         return {name: getattr(self, name) for name in names}
 

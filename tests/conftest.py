@@ -62,7 +62,7 @@ def _train_tiny_checkpoint(directory: Path, steps: int = 300) -> Path:
 
 
 # Bump when _train_tiny_checkpoint changes: the trained checkpoint is cached under .pytest_cache by this key.
-_TINY_RECIPE = "test-tiny-v1-300-steps"
+_TINY_RECIPE = "test-tiny-v2-300-steps"  # v2: records carry model_id
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +129,16 @@ def service_settings(checkpoint: Path, **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]  # values are checked by Settings itself
 
 
+async def wait_until_loaded(app: object, timeout: float = 120.0) -> None:
+    """Wait for an app's background load and warm-up (entered lifespan); fail with its error."""
+    import asyncio
+
+    state = app.state.service  # type: ignore[attr-defined]
+    assert state.loading is not None, "the app's lifespan was not entered"
+    await asyncio.wait_for(asyncio.shield(state.loading), timeout)
+    assert state.ready, state.not_ready_reason()
+
+
 @pytest.fixture
 def make_service(tiny_checkpoint: Path) -> Callable[..., object]:
     """``async with make_service(**settings) as (app, client):`` a started app (lifespan entered: loaded,
@@ -144,6 +154,7 @@ def make_service(tiny_checkpoint: Path) -> Callable[..., object]:
         checkpoint = overrides.pop("checkpoint", tiny_checkpoint)
         app = create_app(service_settings(checkpoint, **overrides))
         async with app.router.lifespan_context(app):
+            await wait_until_loaded(app)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://vqtok.test", timeout=60.0) as client:
                 yield app, client

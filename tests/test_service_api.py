@@ -231,7 +231,7 @@ async def test_ready_is_503_until_loaded_and_warmed_up(tiny_checkpoint) -> None:
 
     import httpx
 
-    from tests.conftest import service_settings
+    from tests.conftest import service_settings, wait_until_loaded
     from vqtok.service.app import create_app
     from vqtok.service.engine import Engine
 
@@ -258,8 +258,10 @@ async def test_ready_is_503_until_loaded_and_warmed_up(tiny_checkpoint) -> None:
         assert (await client.get("/health")).status_code == 200  # liveness needs no model
         refused = await client.post("/decode", json={"indices": [[1]]})
         assert refused.status_code == 503 and "not loaded" in refused.json()["error"]
+        await asyncio.wait_for(entered.wait(), timeout=30)  # the lifespan does not wait for the model
+        assert (await client.get("/ready")).status_code == 503
         release.set()
-        await asyncio.wait_for(entered.wait(), timeout=30)
+        await wait_until_loaded(app)
         assert (await client.get("/ready")).status_code == 200
         stop.set()
         await task

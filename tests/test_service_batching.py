@@ -82,10 +82,11 @@ async def test_queue_full_fails_fast_with_429(make_service, astronaut, image_byt
         second = asyncio.create_task(client.post("/encode", content=png, headers=headers))
         while batcher.depth < 1:  # the second waits in the queue
             await asyncio.sleep(0.005)
-        third = await client.post("/encode", content=png, headers=headers)
+        # Refused from the headers alone: the body (not even an image) is never read or parsed.
+        third = await client.post("/encode", content=b"not an image", headers=headers)
         assert third.status_code == 429
         assert third.json() == {
-            "error": "queue full: 1 items waiting, this request adds 1, the limit is 1; retry shortly",
+            "error": "queue full: 1 items waiting, the limit is 1; retry shortly",
             "error_type": "queue_full",
         }
         assert third.headers["retry-after"] == "1"
@@ -96,10 +97,11 @@ async def test_queue_full_fails_fast_with_429(make_service, astronaut, image_byt
 
 async def test_shutdown_fails_waiting_requests_with_503(tiny_checkpoint) -> None:
     """Stopping the batcher answers what still waits instead of leaving it hanging."""
-    from tests.conftest import service_settings
+    from tests.conftest import service_settings, wait_until_loaded
 
     app = create_app(service_settings(tiny_checkpoint, max_wait_ms=0.0, max_batch_size=1))
     async with app.router.lifespan_context(app):
+        await wait_until_loaded(app)
         batcher = app.state.service.batcher
         release = threading.Event()
         original = batcher.operations["decode"]

@@ -67,6 +67,36 @@ def test_serve_refuses_a_missing_checkpoint(tmp_path: Path, capsys: pytest.Captu
     assert "checkpoint directory not found" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_bad_checkpoint_in_one_line(tiny_checkpoint: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint whose config.json was edited after writing: one line on stderr, exit 2, no port bound."""
+    import shutil
+
+    def must_not_serve(settings: Settings) -> int:
+        raise AssertionError("vqtok serve went on to serve a bad checkpoint")
+
+    monkeypatch.setattr("vqtok.service.server.serve", must_not_serve)
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_checkpoint, edited)
+    record = json.loads((edited / "config.json").read_text())
+    record["config"]["pixel_mean"] = [0.4, 0.4, 0.4]
+    (edited / "config.json").write_text(json.dumps(record))
+    assert vqtok(["serve", "--checkpoint", str(edited)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vqtok serve: ") and err.count("\n") == 1, err
+    assert "model_id" in err and "Traceback" not in err
+
+
+def test_serve_refuses_bad_settings_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert vqtok(["serve", "--max-batch-size", "0", "--max-wait-ms", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("vqtok serve: invalid settings: max_batch_size: Input should be greater than or equal to 1")
+    assert "max_wait_ms: Input should be greater than or equal to 0" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_serve_refuses_cuda_without_a_gpu(tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert vqtok(["serve", "--device", "cuda", "--checkpoint", str(tiny_checkpoint)]) == 2

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from tests.errors import assert_error
+
 pytestmark = pytest.mark.asyncio
 
 PNG_HEADERS = {"content-type": "image/png"}
@@ -22,15 +24,6 @@ def huge_png_header(width: int, height: int) -> bytes:
     idat = b"IDAT" + zlib.compress(b"\x00" * 16)
     return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
             + struct.pack(">I", len(idat) - 4) + idat + struct.pack(">I", zlib.crc32(idat)))
-
-
-def assert_error(response, status: int, error_type: str, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error", "error_type"}, body
-    assert body["error_type"] == error_type, body
-    for fragment in fragments:
-        assert fragment in body["error"], (fragment, body["error"])
 
 
 @pytest_asyncio.fixture
@@ -256,3 +249,70 @@ async def test_garbage_inputs_never_500(service) -> None:
     encoded = base64.b64encode(huge_png_header(10, 10)).decode()
     response = await service.post("/encode", json={"images": [encoded]})
     assert response.status_code in (400, 415) and set(response.json()) == {"error", "error_type"}
+
+
+# ------------------------------------------------------------------------------------------------
+# The hostile corpus: every supported format truncated and corrupted, and multipart abuse. Each case
+# asserts the status, the error shape and the message.
+# ------------------------------------------------------------------------------------------------
+
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
+           "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+def _file(fmt: str, pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+async def test_damaged_images_of_every_format_are_400(service, astronaut, fmt: str, damage: str) -> None:
+    data = _file(fmt, np.ascontiguousarray(astronaut[:64, :64]))
+    if damage == "truncated":  # the header survives, the pixel data stops half way
+        body = data[: len(data) // 2]
+    else:  # the header survives, the rest is noise
+        body = data[:32] + np.random.default_rng(0).integers(0, 256, len(data) - 32, dtype=np.uint8).tobytes()
+    response = await service.post("/encode", content=body, headers={"content-type": FORMATS[fmt]})
+    assert_error(response, 400, "bad_request", "body: ", "truncated or corrupt")
+
+
+async def test_multipart_abuse(service, astronaut, image_bytes) -> None:
+    png = image_bytes(astronaut, size=(16, 16))
+    boundary = "b0undary"
+    multipart = f"multipart/form-data; boundary={boundary}"
+
+    def part(name: str, content: bytes, filename: str | None = None) -> bytes:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        return f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+
+    end = f"--{boundary}--\r\n".encode()
+    cases = [
+        # no boundary parameter at all
+        (b"whatever", "multipart/form-data", 400, "bad_request", "the Content-Type has no boundary parameter"),
+        # a body that never reaches its closing boundary
+        (part("image", png, "a.png")[:-40], multipart, 400, "bad_request",
+         "does not end with its closing boundary '--b0undary--'"),
+        # the image as a text field instead of a file
+        (part("image", b"iVBORw0KGgo=") + end, multipart, 400, "bad_request", "part 'image' #0 must be a file"),
+        # a file under another name
+        (part("picture", png, "a.png") + end, multipart, 422, "invalid_request", "unexpected file part 'picture'"),
+        # more files than the request may hold (limit 3 here)
+        (b"".join(part("image", png, f"{i}.png") for i in range(6)) + end, multipart, 400, "bad_request",
+         "unreadable multipart body", "Too many files"),
+        # an unknown option field
+        (part("image", png, "a.png") + part("colour", b"red") + end, multipart, 422, "invalid_request",
+         "form.colour: Extra inputs are not permitted"),
+        # an option with a bad value
+        (part("image", png, "a.png") + part("fit", b"squash") + end, multipart, 422, "invalid_request", "form.fit"),
+        # no image part at all
+        (part("fit", b"pad") + end, multipart, 422, "invalid_request", "no images in the request"),
+    ]
+    for body, content_type, status, error_type, *fragments in cases:
+        response = await service.post("/encode", content=body, headers={"content-type": content_type})
+        assert_error(response, status, error_type, *fragments)

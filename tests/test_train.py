@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.processes import free_port
 from vqtok.model.checkpoint import load_checkpoint
@@ -57,7 +59,8 @@ def test_the_run_writes_a_loadable_checkpoint_and_figures(short_run: Path) -> No
         assert (short_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_continues_from_the_saved_step(short_run: Path, tmp_path: Path) -> None:
+def test_resume_continues_from_the_saved_step(short_run: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "resumed"
     assert vqtok(["train", *TINY_FLAGS, "--steps", "20", "--log-every", "10", "--eval-every", "0",
                   "--out", str(out)]) == 0
@@ -65,7 +68,42 @@ def test_resume_continues_from_the_saved_step(short_run: Path, tmp_path: Path) -
                   "--out", str(out), "--resume"]) == 0
     steps = [m["step"] for m in _metrics(out) if "recon_mse" in m]
     assert steps == [10, 20, 30]
-    assert load_checkpoint(out / "checkpoint").metadata["resumed_from_step"] == 20
+    checkpoint = load_checkpoint(out / "checkpoint")
+    assert checkpoint.metadata["resumed_from_step"] == 20
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the run's last stdout line
+    assert summary["model_id"] == checkpoint.model_id
+
+
+def test_trainer_state_loads_with_weights_only(short_run: Path) -> None:
+    state = torch.load(short_run / "trainer_state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 120 and isinstance(state["epoch"], int)
+    assert state["torch_rng"].dtype == torch.uint8
+    assert state["optimizer"]["state"]  # Adam's moments, as tensors
+
+
+CODE_RAN: list[str] = []
+
+
+def _record_code_ran(marker: str) -> dict:
+    CODE_RAN.append(marker)
+    return {}
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (_record_code_ran, ("unpickled",))
+
+
+def test_resume_refuses_a_trainer_state_that_would_run_code(short_run: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(short_run / "checkpoint", out / "checkpoint")
+    torch.save({"optimizer": _RunsCodeWhenUnpickled(), "step": 120, "epoch": 3, "torch_rng": torch.get_rng_state()},
+               out / "trainer_state.pt")
+    assert vqtok(["train", *TINY_FLAGS, "--steps", "130", "--out", str(out), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "trainer_state.pt: unreadable trainer state" in error
+    assert CODE_RAN == []  # weights_only=True: the pickled call never ran
 
 
 def test_train_refuses_bad_flags_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,6 +128,7 @@ def test_evaluate_json_reports_the_documented_keys(short_run: Path, capsys: pyte
     report = json.loads(capsys.readouterr().out)
     assert {"mse", "nmse", "psnr", "perplexity", "codes_used", "num_embeddings"} <= set(report)
     assert report["num_embeddings"] == 32 and report["images"] == 3  # the three held-out photos, full size
+    assert report["model_id"] == load_checkpoint(short_run / "checkpoint").model_id
     assert evaluate_main(["--checkpoint", str(short_run / "checkpoint"), "--crop", "16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 512
 
