@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from vqtok.model import data as datasets
@@ -61,7 +61,7 @@ class TrainConfig:
       device: auto, cpu or cuda.
       out: output directory.
       resume: continue from ``out``'s checkpoint and trainer state.
-      log_every: steps between metrics.jsonl lines.
+      log_every: steps between metrics.jsonl lines (0: every 1% of the run, so curves have 100 points).
       eval_every: steps between held-out evaluations (0: only at the end).
       checkpoint_every: steps between checkpoints (0: only at the end).
       num_workers: DataLoader worker processes.
@@ -80,7 +80,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out: str = "runs/vqvae"
     resume: bool = False
-    log_every: int = 50
+    log_every: int = 0
     eval_every: int = 1000
     checkpoint_every: int = 1000
     num_workers: int = 0
@@ -88,7 +88,9 @@ class TrainConfig:
     name: str = "vqtok"
 
     def validate(self, model_config: VQVAEConfig) -> None:
-        for name in ("steps", "batch_size", "log_every", "heldout_crops"):
+        if self.log_every < 0:
+            raise ValueError(f"--log-every must be >= 0 (0: every 1% of the run), got {self.log_every}")
+        for name in ("steps", "batch_size", "heldout_crops"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -130,23 +132,14 @@ def setup_distributed(device_request: str) -> tuple[Distributed, torch.device]:
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
-def infinite_batches(dataset: Dataset, batch_size: int, seed: int, place: Distributed,
-                     num_workers: int, start_epoch: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-    """Endless (epoch, batch (B, C, S, S)) pairs; new crops and order every epoch, disjoint across ranks."""
-    epoch = start_epoch
-    while True:
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        if place.enabled:
-            sampler: Any = DistributedSampler(dataset, place.world_size, place.rank, shuffle=True, seed=seed)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                            num_workers=num_workers, persistent_workers=False)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
+def epoch_order(dataset: Dataset, seed: int, epoch: int, place: Distributed) -> list[int]:
+    """This rank's item order for ``epoch``: a permutation fixed by (seed, epoch), disjoint across ranks."""
+    if place.enabled:
+        sampler = DistributedSampler(dataset, place.world_size, place.rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(len(dataset), generator=generator).tolist()
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -169,21 +162,14 @@ def codebook_divergence(model: VQVAE, place: Distributed) -> float:
     return max(float((other - gathered[0]).abs().max()) for other in gathered)
 
 
-def save_trainer_state(path: Path, optimizer: torch.optim.Optimizer, step: int, epoch: int) -> None:
-    """Optimizer, step and RNG states for --resume; written to a temp file and renamed (atomic).
+def save_trainer_state(path: Path, state: dict[str, Any]) -> None:
+    """``Trainer.trainer_state()`` for --resume; written to a temp file and renamed (atomic).
 
     Only tensors and plain Python values (dicts, lists, tuples, numbers, strings, None), so
     ``load_trainer_state`` reads it with ``torch.load(weights_only=True)``, which runs no pickled code.
     The RNG states are uint8 tensors; the data pipeline needs none (every item draws from its own
     generator seeded by seed, epoch and index, see ``model.data``).
     """
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "step": int(step),
-        "epoch": int(epoch),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
-    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -217,23 +203,32 @@ def save_reconstructions(path: Path, originals: torch.Tensor, reconstructions: t
 
 
 def save_training_plot(path: Path, history: list[dict[str, Any]]) -> None:
-    """training.png: reconstruction loss, perplexity and codes used against step."""
+    """training.png: reconstruction loss, codebook use, held-out PSNR and learning rate against step.
+
+    ``history`` holds metrics.jsonl's records: training records (``recon_mse``, ...) and held-out ones
+    (``{"step", "heldout": {...}}``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = (("recon_mse", "reconstruction MSE (normalised pixels)", True),
-              ("perplexity", "codebook perplexity", False),
-              ("codes_used", "codes used per batch", False))
-    for axis, (key, title, log_scale) in zip(axes, panels, strict=True):
-        axis.plot(steps, [h[key] for h in history])
-        axis.set_title(title)
+    train = [h for h in history if "recon_mse" in h]
+    heldout = [h for h in history if "heldout" in h]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    steps = [h["step"] for h in train]
+    axes[0].plot(steps, [h["recon_mse"] for h in train], marker=".", markersize=3)
+    axes[0].set(title="reconstruction MSE (normalised pixels)", yscale="log")
+    axes[1].plot(steps, [h["perplexity"] for h in train], marker=".", markersize=3, label="perplexity")
+    axes[1].plot(steps, [h["codes_used"] for h in train], marker=".", markersize=3, label="codes used")
+    axes[1].set(title="codebook use per batch")
+    axes[1].legend()
+    axes[2].plot([h["step"] for h in heldout], [h["heldout"]["psnr"] for h in heldout], marker="o")
+    axes[2].set(title="held-out PSNR (dB)")
+    axes[3].plot(steps, [h["lr"] for h in train], marker=".", markersize=3)
+    axes[3].set(title="learning rate")
+    for axis in axes:
         axis.set_xlabel("step")
-        if log_scale:
-            axis.set_yscale("log")
         axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -249,156 +244,242 @@ def evaluate_heldout(model: VQVAE, heldout: Dataset, batch_size: int) -> tuple[d
     return metrics, counts
 
 
-def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
-    """Run training; returns the final held-out metrics (on rank 0; {} elsewhere)."""
-    config.validate(model_config)
-    place, device = setup_distributed(config.device)
-    out = Path(config.out)
-    checkpoint_dir, state_path = out / "checkpoint", out / "trainer_state.pt"
-    torch.manual_seed(config.seed)  # same initial weights on every rank
+class Trainer:
+    """One training run: it owns the model, the optimiser and its schedule, the data order, the metrics
+    and the saving, and can stop after any checkpoint and resume to the same weights.
 
-    start_step, start_epoch = 0, 0
-    if config.resume:
-        loaded = load_checkpoint(checkpoint_dir, device)
-        model = loaded.model
-        model_config = loaded.config
-    else:
-        model = VQVAE(model_config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    if config.resume:
-        state = load_trainer_state(state_path)
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, start_epoch = int(state["step"]), int(state["epoch"]) + 1
+    Resume is exact: the trainer state holds the optimiser and scheduler, the step, the position in
+    the data (epoch and batches consumed in it) and every RNG state, restored after seeding. A run
+    killed after a checkpoint and resumed with the same command ends with the weights of the
+    uninterrupted run (bit-identical on the CPU in one process).
+    """
+
+    def __init__(self, config: TrainConfig, model_config: VQVAEConfig) -> None:
+        config.validate(model_config)
+        self.config = config
+        self.place, self.device = setup_distributed(config.device)
+        self.out = Path(config.out)
+        self.checkpoint_dir, self.state_path = self.out / "checkpoint", self.out / "trainer_state.pt"
+        torch.manual_seed(config.seed)  # same initial weights on every rank
+        if config.resume:  # the checkpoint's config is the run's config: check the schedule against it
+            loaded = load_checkpoint(self.checkpoint_dir, self.device)
+            model_config = loaded.config
+            config.validate(model_config)
+            self.model = loaded.model.train()
+        else:
+            self.model = VQVAE(model_config).to(self.device)
+        self.model_config = model_config
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(config, step))
+        self.step, self.epoch, self.batches_into_epoch = 0, 0, 0
+        self.start_step = 0
+        # The training stream of random numbers (codebook restarts, k-means init): its own per rank.
+        torch.manual_seed(config.seed + 1 + self.place.rank)
+        if config.resume:
+            self._restore(load_trainer_state(self.state_path))
+        self.model.train()
+        self.trainable: torch.nn.Module = self.model
+        if self.place.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trainable = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
+
+        # The data spec is parsed and described once per run.
+        self.train_set = datasets.build_dataset(config.data, config.image_size, "train", seed=config.seed)
+        self.heldout_set = datasets.build_dataset(config.data, config.image_size, "heldout", seed=config.seed,
+                                                  length=config.heldout_crops)
+        self.data_description = datasets.describe(config.data, "train")
+        data_variance = datasets.data_variance(self.train_set)
+        # Reconstruction MSE is in normalised units; NMSE divides by the data variance in those units.
+        self.normalised_variance = data_variance / (sum(model_config.pixel_std) / len(model_config.pixel_std)) ** 2
+        self.autocast = self.device.type == "cuda"  # bf16 convolutions on GPU; the quantizer stays float32
+        self.log_every = config.log_every or max(1, config.steps // 100)
+        self.history: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+
+    # --- state -------------------------------------------------------------------------------------
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Optimiser, schedule, position and RNG states of a saved run (after seeding, so they win)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = self.start_step = int(state["step"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:  # an older trainer state: rebuild the schedule at the step (it is a function of the step)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: lr_factor(self.config, step), last_epoch=self.step - 1
+            )
+        self.epoch = int(state["epoch"])
+        self.batches_into_epoch = int(state.get("batches_into_epoch", 0))
+        if "batches_into_epoch" not in state:  # older trainer states resumed at the next epoch
+            self.epoch += 1
         torch.set_rng_state(state["torch_rng"])
         cuda_rng = state.get("cuda_rng")
         if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_rng)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step),
-                                                  last_epoch=start_step - 1 if start_step else -1)
-    model.train()
-    # Each rank gets its own crops; the quantizer keeps the codebook identical across ranks itself.
-    torch.manual_seed(config.seed + 1 + place.rank)
-    trainable: torch.nn.Module = model
-    if place.enabled:
-        trainable = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
 
-    train_set = datasets.build_dataset(config.data, config.image_size, "train", seed=config.seed)
-    heldout_set = datasets.build_dataset(config.data, config.image_size, "heldout", seed=config.seed,
-                                         length=config.heldout_crops)
-    data_variance = datasets.data_variance(train_set)
-    # Reconstruction MSE is in normalised units; NMSE divides by the data variance in those units.
-    normalised_variance = data_variance / (sum(model_config.pixel_std) / len(model_config.pixel_std)) ** 2
-    batches = infinite_batches(train_set, config.batch_size, config.seed, place, config.num_workers, start_epoch)
-    autocast = device.type == "cuda"  # bf16 convolutions on GPU; the quantizer stays float32 inside
+    def trainer_state(self) -> dict[str, Any]:
+        """Tensors and plain values only (``load_trainer_state`` reads them with ``weights_only=True``)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_into_epoch": self.batches_into_epoch,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
+        }
 
-    if place.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") if place.is_main else None  # noqa: SIM115
-    history: list[dict[str, Any]] = []
-    progress = tqdm(total=config.steps, initial=start_step, disable=not place.is_main, dynamic_ncols=True,
-                    file=sys.stderr, mininterval=2.0)
-    started = time.perf_counter()
-    window_start, window_images = time.perf_counter(), 0
-    epoch = start_epoch
-    try:
-        for step in range(start_step + 1, config.steps + 1):
-            epoch, batch = next(batches)
-            pixels = batch.to(device, non_blocking=True)
-            x = model_config.normalize(pixels)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                output = trainable(x)
-            recon_mse = F.mse_loss(output.reconstruction.float(), x)
-            loss = recon_mse + output.vq_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            window_images += pixels.shape[0] * place.world_size
-            progress.update(1)
+    # --- data --------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Endless (B, C, S, S) batches from the current position; new crops and order every epoch.
 
-            if step % config.log_every == 0 or step == config.steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "recon_mse": recon_mse.item(),
-                    "nmse": recon_mse.item() / normalised_variance,
-                    "vq_loss": output.vq_loss.item(),
-                    "perplexity": float(output.perplexity),
-                    "codes_used": int(output.codes_used),
-                    "restarts": model.quantizer.restarts_total,
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": window_images / max(elapsed, 1e-9),
-                }
-                window_start, window_images = time.perf_counter(), 0
-                history.append(record)
-                progress.set_postfix(nmse=f"{record['nmse']:.4f}", ppl=f"{record['perplexity']:.0f}",
-                                     codes=record["codes_used"], img_s=f"{record['images_per_s']:.0f}")
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-            if place.is_main and config.eval_every and step % config.eval_every == 0 and step != config.steps:
-                heldout_metrics, _ = evaluate_heldout(model, heldout_set, config.batch_size)
-                if metrics_file:
-                    metrics_file.write(json.dumps({"step": step, "heldout": heldout_metrics}) + "\n")
-                progress.write(f"step {step}: held-out PSNR {heldout_metrics['psnr']:.2f} dB, "
-                               f"codes used {heldout_metrics['codes_used']}")
-            if (config.checkpoint_every and step % config.checkpoint_every == 0 and step != config.steps
-                    and place.is_main):
-                _save(model, optimizer, config, model_config, checkpoint_dir, state_path, step, epoch,
-                      started, {}, None, place, start_step)
-    finally:
-        progress.close()
-        if metrics_file:
-            metrics_file.close()
+        The loader gets a generator of its own, so the data pipeline never draws from the training
+        stream of random numbers (which a resumed run restores exactly).
+        """
+        config = self.config
+        while True:
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(self.epoch)
+            order = epoch_order(self.train_set, config.seed, self.epoch, self.place)
+            order = order[self.batches_into_epoch * config.batch_size:]
+            loader = DataLoader(self.train_set, batch_size=config.batch_size, sampler=order, drop_last=True,
+                                num_workers=config.num_workers, generator=torch.Generator().manual_seed(self.epoch))
+            for batch in loader:
+                self.batches_into_epoch += 1
+                yield batch
+            self.epoch, self.batches_into_epoch = self.epoch + 1, 0
 
-    codebook_spread = codebook_divergence(model, place)
-    final: dict[str, Any] = {}
-    if place.is_main:
-        final, counts = evaluate_heldout(model, heldout_set, config.batch_size)
-        final["ddp_codebook_max_abs_diff"] = codebook_spread
-        model_id = _save(model, optimizer, config, model_config, checkpoint_dir, state_path, config.steps, epoch,
-                         started, final, counts, place, start_step)
-        _write_figures(out, model, heldout_set, history)
-        print(json.dumps({"heldout": final, "out": str(out), "model_id": model_id}))
-    if place.enabled:
-        dist.barrier()
-        dist.destroy_process_group()
-    return final
+    # --- the loop ----------------------------------------------------------------------------------
+    def train_step(self, batch: torch.Tensor) -> dict[str, Any]:
+        """One optimiser step on a (B, C, S, S) batch in [0, 1]; the step's figures."""
+        x = self.model_config.normalize(batch.to(self.device, non_blocking=True))
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            output = self.trainable(x)
+        recon_mse = F.mse_loss(output.reconstruction.float(), x)
+        loss = recon_mse + output.vq_loss  # reconstruction + codebook/commitment terms
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"recon_mse": recon_mse, "output": output}
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``config.steps``; returns the final held-out metrics (on rank 0; {} elsewhere)."""
+        config, place = self.config, self.place
+        if place.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.history = self._metrics_so_far()
+        metrics_file = open(self.out / "metrics.jsonl", "a", encoding="utf-8") if place.is_main else None  # noqa: SIM115
+        progress = tqdm(total=config.steps, initial=self.step, disable=not place.is_main, dynamic_ncols=True,
+                        file=sys.stderr, mininterval=2.0)
+        window_start, window_images = time.perf_counter(), 0
+        batches = self.batches()
+        try:
+            while self.step < config.steps:
+                figures = self.train_step(next(batches))
+                window_images += config.batch_size * place.world_size
+                progress.update(1)
+                step = self.step
+                if step % self.log_every == 0 or step == config.steps:
+                    record = self._record(figures, window_images / max(time.perf_counter() - window_start, 1e-9))
+                    window_start, window_images = time.perf_counter(), 0
+                    self.history.append(record)
+                    progress.set_postfix(nmse=f"{record['nmse']:.4f}", ppl=f"{record['perplexity']:.0f}",
+                                         codes=record["codes_used"], img_s=f"{record['images_per_s']:.0f}")
+                    if metrics_file:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                if place.is_main and config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                    heldout, _ = evaluate_heldout(self.model, self.heldout_set, config.batch_size)
+                    self.history.append({"step": step, "heldout": heldout})
+                    if metrics_file:
+                        metrics_file.write(json.dumps({"step": step, "heldout": heldout}) + "\n")
+                        metrics_file.flush()
+                    progress.write(f"step {step}: held-out PSNR {heldout['psnr']:.2f} dB, "
+                                   f"codes used {heldout['codes_used']}")
+                checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
+                if checkpoint_due and step != config.steps and place.is_main:
+                    self.save({}, None)
+        finally:
+            progress.close()
+            if metrics_file:
+                metrics_file.close()
+        return self._finish()
+
+    def _record(self, figures: dict[str, Any], images_per_s: float) -> dict[str, Any]:
+        recon_mse, output = figures["recon_mse"].item(), figures["output"]
+        return {
+            "step": self.step,
+            "recon_mse": recon_mse,
+            "nmse": recon_mse / self.normalised_variance,
+            "vq_loss": output.vq_loss.item(),
+            "perplexity": float(output.perplexity),
+            "codes_used": int(output.codes_used),
+            "restarts": self.model.quantizer.restarts_total,
+            "lr": self.scheduler.get_last_lr()[0],
+            "images_per_s": images_per_s,
+        }
+
+    def _metrics_so_far(self) -> list[dict[str, Any]]:
+        """metrics.jsonl up to the resumed step (lines a killed run wrote after its last checkpoint go)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.start_step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        return [json.loads(line) for line in kept]
+
+    def _finish(self) -> dict[str, Any]:
+        codebook_spread = codebook_divergence(self.model, self.place)
+        final: dict[str, Any] = {}
+        if self.place.is_main:
+            final, counts = evaluate_heldout(self.model, self.heldout_set, self.config.batch_size)
+            self.history.append({"step": self.step, "heldout": dict(final)})
+            final["ddp_codebook_max_abs_diff"] = codebook_spread
+            model_id = self.save(final, counts)
+            self._write_figures()
+            print(json.dumps({"heldout": final, "out": str(self.out), "model_id": model_id}))
+        if self.place.enabled:
+            dist.barrier()
+            dist.destroy_process_group()
+        return final
+
+    # --- outputs -----------------------------------------------------------------------------------
+    def save(self, heldout_metrics: dict[str, Any], counts: torch.Tensor | None) -> str:
+        """Write the checkpoint (with its record of how it was made) and the trainer state; its model_id."""
+        model, config = self.model, self.config
+        device_name = (torch.cuda.get_device_name() if model.device.type == "cuda"
+                       else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+        metadata = {
+            "name": config.name,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "steps": self.step,
+            "wall_time_s": round(time.perf_counter() - self.started, 1),
+            "resumed_from_step": self.start_step or None,
+            "training": dataclasses.asdict(config),
+            "data": self.data_description,
+            "hardware": {"device": device_name, "processes": self.place.world_size, "torch": torch.__version__},
+            "metrics": {"heldout_crops": heldout_metrics} if heldout_metrics else {},
+            "codebook_usage": counts.long().tolist() if counts is not None else None,
+        }
+        save_checkpoint(self.checkpoint_dir, model, metadata)
+        save_trainer_state(self.state_path, self.trainer_state())
+        return str(read_checkpoint_record(self.checkpoint_dir)["model_id"])
+
+    def _write_figures(self) -> None:
+        count = min(8, len(self.heldout_set))
+        originals = torch.stack([self.heldout_set[i] for i in range(count)]).to(self.model.device)
+        self.model.eval()
+        reconstructions, _ = reconstruct(self.model, originals)
+        save_reconstructions(self.out / "reconstructions.png", originals, reconstructions)
+        if self.history:
+            save_training_plot(self.out / "training.png", self.history)
 
 
-def _save(model: VQVAE, optimizer: torch.optim.Optimizer, config: TrainConfig, model_config: VQVAEConfig,
-          checkpoint_dir: Path, state_path: Path, step: int, epoch: int, started: float,
-          heldout_metrics: dict[str, Any], counts: torch.Tensor | None, place: Distributed, start_step: int) -> str:
-    """Write the checkpoint (with its record of how it was made) and the trainer state; returns its model_id."""
-    device_name = (torch.cuda.get_device_name() if model.device.type == "cuda"
-                   else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    metadata = {
-        "name": config.name,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "steps": step,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "resumed_from_step": start_step or None,
-        "training": dataclasses.asdict(config),
-        "data": datasets.describe(config.data, "train"),
-        "hardware": {"device": device_name, "processes": place.world_size, "torch": torch.__version__},
-        "metrics": {"heldout_crops": heldout_metrics} if heldout_metrics else {},
-        "codebook_usage": counts.long().tolist() if counts is not None else None,
-    }
-    save_checkpoint(checkpoint_dir, model, metadata)
-    save_trainer_state(state_path, optimizer, step, epoch)
-    return str(read_checkpoint_record(checkpoint_dir)["model_id"])
-
-
-def _write_figures(out: Path, model: VQVAE, heldout: Dataset, history: list[dict[str, Any]]) -> None:
-    count = min(8, len(heldout))
-    originals = torch.stack([heldout[i] for i in range(count)]).to(model.device)
-    model.eval()
-    reconstructions, _ = reconstruct(model, originals)
-    save_reconstructions(out / "reconstructions.png", originals, reconstructions)
-    if history:
-        save_training_plot(out / "training.png", history)
+def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
+    """Run training; returns the final held-out metrics (on rank 0; {} elsewhere)."""
+    return Trainer(config, model_config).run()
 
 
 def build_parser() -> argparse.ArgumentParser:

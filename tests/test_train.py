@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,50 @@ def test_resume_continues_from_the_saved_step(short_run: Path, tmp_path: Path,
     assert checkpoint.metadata["resumed_from_step"] == 20
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the run's last stdout line
     assert summary["model_id"] == checkpoint.model_id
+
+
+def _train_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vqtok.model.train", *TINY_FLAGS, "--steps", "60", "--checkpoint-every", "10",
+            "--log-every", "5", "--eval-every", "25", "--dead-code-window", "5", "--device", "cpu",
+            "--out", str(out), *extra]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoint" / "model.safetensors"))
+
+
+def test_a_killed_run_resumed_ends_with_the_weights_of_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Kill a real training process after its second checkpoint, resume it with the same command:
+    the final weights are bit-identical to those of a run that was never interrupted (CPU, one
+    process), and metrics.jsonl holds each step once."""
+    from vqtok.model.train import load_trainer_state
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same kernels in every run
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_train_command(whole), env=env, check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(_train_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_path = killed / "trainer_state.pt"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if state_path.is_file() and load_trainer_state(state_path)["step"] >= 20:
+            break
+        time.sleep(0.05)
+    process.kill()
+    process.wait(timeout=60)
+    stopped_at = load_trainer_state(state_path)["step"]
+    assert 20 <= stopped_at < 60, stopped_at  # killed between checkpoints, before the end
+    subprocess.run(_train_command(killed, "--resume"), env=env, check=True, capture_output=True, timeout=600)
+
+    expected, resumed = _weights(whole), _weights(killed)
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed[name]), name
+    steps = [m["step"] for m in _metrics(killed) if "recon_mse" in m]
+    assert steps == [m["step"] for m in _metrics(whole) if "recon_mse" in m] == list(range(5, 61, 5))
+    assert load_checkpoint(killed / "checkpoint").metadata["resumed_from_step"] == stopped_at
 
 
 def test_trainer_state_loads_with_weights_only(short_run: Path) -> None:
