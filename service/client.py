@@ -25,7 +25,8 @@ import numpy as np
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 NPY = "application/x-npy"
-ImageInput = str | os.PathLike[str] | bytes
+# A file path, the bytes of an image file, a Pillow image, or pixels: (H, W, 3) / (H, W) uint8.
+ImageInput = Any
 
 
 class ServiceClientError(Exception):
@@ -49,11 +50,34 @@ def _raise_for_error(response: httpx.Response) -> None:
     raise ServiceClientError(response.status_code, error_type, message)
 
 
+def image_file_bytes(image: ImageInput) -> tuple[str, bytes]:
+    """(a name, image file bytes) for a path, file bytes, a Pillow image or a uint8 pixel array.
+
+    Pillow images and arrays are sent as lossless PNG (Pillow is imported only for them).
+    """
+    if isinstance(image, bytes | bytearray | memoryview):
+        return "image", bytes(image)
+    if isinstance(image, str | os.PathLike):
+        path = Path(image)
+        return path.name, path.read_bytes()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(f"a pixel array must be (H, W), (H, W, 3) or (H, W, 4) uint8, got {image.shape} "
+                             f"{image.dtype}")
+        from PIL import Image
+
+        image = Image.fromarray(image)
+    if hasattr(image, "save") and hasattr(image, "mode"):  # a Pillow image
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "image.png", buffer.getvalue()
+    raise TypeError(f"cannot send {type(image).__name__} as an image: give a path, file bytes, a PIL image or "
+                    "a uint8 array")
+
+
 def _image_part(image: ImageInput, index: int) -> tuple[str, tuple[str, bytes, str]]:
-    if isinstance(image, bytes):
-        return ("image", (f"image-{index}", image, "application/octet-stream"))
-    path = Path(image)
-    return ("image", (path.name, path.read_bytes(), "application/octet-stream"))
+    name, data = image_file_bytes(image)
+    return ("image", (name if name != "image" else f"image-{index}", data, "application/octet-stream"))
 
 
 def _encode_request(images: Sequence[ImageInput], options: dict[str, Any], as_numpy: bool) -> dict[str, Any]:
@@ -84,12 +108,34 @@ def decode_body(
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _decode_result(response: httpx.Response) -> bytes | list[bytes]:
-    """One grid: the image bytes; several: a list of image bytes."""
+def _decode_result(response: httpx.Response, output: str = "bytes") -> Any:
+    """One grid: the image; several: a list. ``output``: ``bytes`` (image files), ``pil`` or ``numpy``
+    ((H, W, 3) uint8 arrays)."""
     _raise_for_error(response)
     if response.headers.get("content-type", "").startswith("application/json"):
-        return [base64.b64decode(item["image"]) for item in response.json()["images"]]
-    return response.content
+        files: bytes | list[bytes] = [base64.b64decode(item["image"]) for item in response.json()["images"]]
+    else:
+        files = response.content
+    if output == "bytes":
+        return files
+    from PIL import Image
+
+    def convert(data: bytes) -> Any:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image if output == "pil" else np.asarray(image.convert("RGB"))
+
+    return convert(files) if isinstance(files, bytes) else [convert(data) for data in files]
+
+
+def _check_output(output: str) -> None:
+    if output not in ("bytes", "pil", "numpy"):
+        raise ValueError(f"output must be 'bytes', 'pil' or 'numpy', got {output!r}")
+
+
+def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
+    """NumPy grids (``indices`` / ``tokens`` as arrays) as plain lists for the JSON body."""
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in body.items()}
 
 
 def _codebook_request(vectors: bool, as_numpy: bool) -> dict[str, Any]:
@@ -109,15 +155,18 @@ class VQTokClient:
 
     def encode(self, images: Sequence[ImageInput], *, as_numpy: bool = False, **options: Any
                ) -> dict[str, Any] | np.ndarray:
-        """Images (paths or file bytes) -> the /encode JSON, or an (N, h, w) array with ``as_numpy``.
+        """Images (paths, file bytes, PIL images or uint8 arrays) -> the /encode JSON, or an (N, h, w) array
+        with ``as_numpy``.
 
         ``options``: size, fit, offset, bos, eos, tokens (see /docs).
         """
         return _json_or_array(self._http.post("/encode", **_encode_request(images, options, as_numpy)), as_numpy)
 
-    def decode(self, **body: Any) -> bytes | list[bytes]:
-        """``decode_body`` arguments -> image bytes (one grid) or a list of them (several)."""
-        return _decode_result(self._http.post("/decode", json=decode_body(**body)))
+    def decode(self, *, output: str = "bytes", **body: Any) -> Any:
+        """``decode_body`` arguments -> the image (one grid) or a list (several), as file bytes,
+        Pillow images (``output="pil"``) or (H, W, 3) uint8 arrays (``output="numpy"``)."""
+        _check_output(output)
+        return _decode_result(self._http.post("/decode", json=decode_body(**_jsonable(body))), output)
 
     def codebook(self, vectors: bool = False, as_numpy: bool = False) -> dict[str, Any] | np.ndarray:
         response = self._http.get("/codebook", **_codebook_request(vectors, as_numpy))
@@ -145,8 +194,9 @@ class AsyncVQTokClient:
         response = await self._http.post("/encode", **_encode_request(images, options, as_numpy))
         return _json_or_array(response, as_numpy)
 
-    async def decode(self, **body: Any) -> bytes | list[bytes]:
-        return _decode_result(await self._http.post("/decode", json=decode_body(**body)))
+    async def decode(self, *, output: str = "bytes", **body: Any) -> Any:
+        _check_output(output)
+        return _decode_result(await self._http.post("/decode", json=decode_body(**_jsonable(body))), output)
 
     async def codebook(self, vectors: bool = False, as_numpy: bool = False) -> dict[str, Any] | np.ndarray:
         response = await self._http.get("/codebook", **_codebook_request(vectors, as_numpy))

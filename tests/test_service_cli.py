@@ -156,6 +156,39 @@ def test_cli_prints_server_errors(server_url: str, tmp_path: Path, capsys: pytes
     assert "cannot reach the service" in capsys.readouterr().err
 
 
+def test_the_client_takes_paths_bytes_pil_images_and_arrays(server_url: str, astronaut: np.ndarray,
+                                                             tmp_path: Path) -> None:
+    pixels = np.ascontiguousarray(astronaut[100:164, 200:264])  # (64, 64, 3) uint8
+    path = tmp_path / "crop.png"
+    Image.fromarray(pixels).save(path)
+    with VQTokClient(server_url) as client:
+        grids = client.encode([path, str(path), path.read_bytes(), Image.fromarray(pixels), pixels], as_numpy=True)
+        assert isinstance(grids, np.ndarray) and grids.shape == (5, 16, 16)
+        assert all(np.array_equal(grids[0], grid) for grid in grids[1:])  # one image, five ways of sending it
+        as_array = client.decode(indices=grids[0], output="numpy")  # a NumPy grid goes in as it is
+        as_pil = client.decode(indices=grids[0], output="pil")
+        several = client.decode(indices=grids[:2], output="numpy")
+        with pytest.raises(TypeError, match="cannot send dict as an image"):
+            client.encode([{"not": "an image"}])
+        with pytest.raises(ValueError, match=r"must be \(H, W\), \(H, W, 3\) or \(H, W, 4\) uint8"):
+            client.encode([pixels.astype(np.float32)])
+        with pytest.raises(ValueError, match="output must be"):
+            client.decode(indices=grids[0], output="tensor")
+    assert isinstance(as_array, np.ndarray) and as_array.shape == (64, 64, 3) and as_array.dtype == np.uint8
+    assert isinstance(as_pil, Image.Image) and as_pil.size == (64, 64)
+    assert np.array_equal(np.asarray(as_pil.convert("RGB")), as_array)
+    assert isinstance(several, list) and [a.shape for a in several] == [(64, 64, 3)] * 2
+
+
+def test_the_client_imports_neither_torch_nor_fastapi() -> None:
+    """A client-only user needs httpx and NumPy, not the model or the web stack."""
+    code = ("import sys, vqtok; from vqtok import Client; import vqtok.service.client; "
+            "heavy = [m for m in ('torch', 'fastapi', 'starlette', 'uvicorn') if m in sys.modules]; "
+            "assert not heavy, heavy; print('light')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "light", result.stderr
+
+
 def test_python_clients(server_url: str, astronaut: np.ndarray) -> None:
     buffer = io.BytesIO()
     Image.fromarray(astronaut).resize((64, 64)).save(buffer, format="PNG")
