@@ -1,4 +1,6 @@
-"""``create_app(settings)``: the FastAPI app, its lifespan (bind, then load and warm up) and its middleware.
+"""``create_app(settings)``: assembles the FastAPI app: its routers, middleware, error handlers and lifespan
+(bind, then load and warm up). The endpoints live in ``routers``, what they share in ``state`` and
+``dependencies``.
 
 One process owns the model. The lifespan returns at once so the server binds its port and answers
 ``/health`` immediately; the checkpoint loads and warms up in the background, and ``/ready`` is 503
@@ -23,8 +25,9 @@ from vqtok.service.engine import Engine
 from vqtok.service.errors import install_error_handlers
 from vqtok.service.metrics import ServiceMetrics
 from vqtok.service.middleware import AdmissionMiddleware, MetricsMiddleware, RequestBodyMiddleware
-from vqtok.service.routes import ServiceState, protected, public
+from vqtok.service.routers import OPENAPI_TAGS, codebook, decode, encode, health, info
 from vqtok.service.settings import Settings
+from vqtok.service.state import ServiceState
 
 logger = logging.getLogger("vqtok.service.app")
 
@@ -107,11 +110,12 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=OPENAPI_TAGS,
     )
     app.state.service = state
     install_error_handlers(app)
-    app.include_router(public)
-    app.include_router(protected)
+    for router in (health.router, encode.router, decode.router, codebook.router, info.router):
+        app.include_router(router)
     # add_middleware wraps outside-in in reverse order: metrics sees every answer (401, 413, 429 included),
     # admission decides from headers before the body middleware reads a byte.
     app.add_middleware(RequestBodyMiddleware, settings=lambda: (settings.max_body_bytes, settings.body_timeout_s))

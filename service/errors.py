@@ -1,14 +1,17 @@
 """One error shape for every failure: ``{"error": "<what was wrong and where>", "error_type": "<kind>"}``.
 
-Code raises a ``ServiceError`` subclass (the class fixes the status and ``error_type``); the handlers
-installed by ``install_error_handlers`` turn it, FastAPI's validation errors, Starlette's 404/405 and
-anything unexpected into that shape.
+``ErrorType`` is the closed set of kinds, each with its HTTP status: the only place a kind meets a
+status. Domain code (imaging, tokens, batching, parsing) raises a ``ServiceError`` subclass, which
+names its ``ErrorType`` and knows nothing of HTTP; the edge (the handlers installed by
+``install_error_handlers``, and ``middleware.send_error``) turns it, FastAPI's validation errors,
+Starlette's 404/405 and anything unexpected into that shape, with the kind's status.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,103 +23,149 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("vqtok.service.errors")
 
 
-class ServiceError(Exception):
-    """A request the service refuses; subclasses set ``status`` and ``error_type``."""
+class ErrorType(StrEnum):
+    """Every ``error_type`` the service answers with, and its HTTP status (text-embeddings-inference style).
 
-    status: int = 400
-    error_type: str = "bad_request"
+    One kind per status, except 503: ``not_ready`` (loading, draining, batcher stopped) and
+    ``inference_failed`` (the model raised on this request's batch; retry). Every 422 is ``invalid_request``,
+    however the request was sent (query, form, JSON body) and whoever found the problem.
+    """
+
+    status: int
+
+    def __new__(cls, value: str, status: int) -> ErrorType:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.status = status
+        return member
+
+    BAD_REQUEST = "bad_request", 400
+    UNAUTHORIZED = "unauthorized", 401
+    NOT_FOUND = "not_found", 404
+    METHOD_NOT_ALLOWED = "method_not_allowed", 405
+    NOT_ACCEPTABLE = "not_acceptable", 406
+    REQUEST_TIMEOUT = "request_timeout", 408
+    PAYLOAD_TOO_LARGE = "payload_too_large", 413
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415
+    INVALID_REQUEST = "invalid_request", 422
+    QUEUE_FULL = "queue_full", 429
+    INTERNAL_ERROR = "internal_error", 500
+    NOT_READY = "not_ready", 503
+    INFERENCE_FAILED = "inference_failed", 503
+    DEADLINE_EXCEEDED = "deadline_exceeded", 504
+
+    @classmethod
+    def for_status(cls, status: int) -> ErrorType:
+        """The kind of an HTTP error raised outside our code (Starlette's 404/405): the first member with
+        that status. A status outside the set (none is known to occur) answers as ``bad_request`` (4xx)
+        or ``internal_error``, with their status: the set stays closed."""
+        for member in cls:
+            if member.status == status:
+                return member
+        return cls.BAD_REQUEST if 400 <= status < 500 else cls.INTERNAL_ERROR
+
+
+class ServiceError(Exception):
+    """A request the service refuses; each subclass names its ``ErrorType`` (which fixes the status)."""
+
+    error_type: ErrorType = ErrorType.BAD_REQUEST
 
     def __init__(self, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = dict(headers or {})
 
+    @property
+    def status(self) -> int:
+        """The HTTP status of this error's kind (``ErrorType.status``)."""
+        return self.error_type.status
+
 
 class BadRequest(ServiceError):
     """Malformed request: unparseable JSON, bad base64, a corrupt image, an unreadable multipart body."""
 
-    status, error_type = 400, "bad_request"
+    error_type = ErrorType.BAD_REQUEST
 
 
 class Unauthorized(ServiceError):
-    status, error_type = 401, "unauthorized"
+    error_type = ErrorType.UNAUTHORIZED
 
 
 class NotFound(ServiceError):
-    status, error_type = 404, "not_found"
+    error_type = ErrorType.NOT_FOUND
 
 
 class MethodNotAllowed(ServiceError):
-    status, error_type = 405, "method_not_allowed"
+    error_type = ErrorType.METHOD_NOT_ALLOWED
 
 
 class NotAcceptable(ServiceError):
     """The ``Accept`` header asks for a representation this response cannot have."""
 
-    status, error_type = 406, "not_acceptable"
+    error_type = ErrorType.NOT_ACCEPTABLE
 
 
 class PayloadTooLarge(ServiceError):
     """Body over ``max_body_bytes`` or an image over ``max_pixels``."""
 
-    status, error_type = 413, "payload_too_large"
+    error_type = ErrorType.PAYLOAD_TOO_LARGE
 
 
 class UnsupportedMediaType(ServiceError):
     """Not an image, or a content type / image format the service does not read."""
 
-    status, error_type = 415, "unsupported_media_type"
+    error_type = ErrorType.UNSUPPORTED_MEDIA_TYPE
 
 
 class InvalidRequest(ServiceError):
-    """Well-formed but invalid: index out of range, ragged grid, over the token limit, wrong image count."""
+    """Well-formed but invalid: index out of range, ragged grid, over the token limit, wrong image count,
+    a field of the wrong type or out of its bounds."""
 
-    status, error_type = 422, "invalid_request"
+    error_type = ErrorType.INVALID_REQUEST
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError, prefix: Sequence[str | int] = ()) -> InvalidRequest:
+        """A pydantic ``ValidationError`` from our own parsing, naming the field under ``prefix``
+        (``("body",)``, ``("form",)``): the same message FastAPI's own validation gets."""
+        errors = [{**e, "loc": (*prefix, *e["loc"])} for e in exc.errors(include_url=False)]
+        return cls(describe_validation_errors(errors))
 
 
 class QueueFull(ServiceError):
-    status, error_type = 429, "queue_full"
+    error_type = ErrorType.QUEUE_FULL
 
 
 class RequestTimeout(ServiceError):
     """The client did not send its whole body within ``body_timeout_s``."""
 
-    status, error_type = 408, "request_timeout"
+    error_type = ErrorType.REQUEST_TIMEOUT
 
 
 class NotReady(ServiceError):
     """Still loading, shutting down, or the batcher stopped."""
 
-    status, error_type = 503, "not_ready"
+    error_type = ErrorType.NOT_READY
 
 
 class InferenceFailed(ServiceError):
     """The model raised on the batch holding this request (e.g. out of memory); the service goes on."""
 
-    status, error_type = 503, "inference_failed"
+    error_type = ErrorType.INFERENCE_FAILED
 
 
 class DeadlineExceeded(ServiceError):
     """Queued and computed for longer than ``request_timeout_s``."""
 
-    status, error_type = 504, "deadline_exceeded"
+    error_type = ErrorType.DEADLINE_EXCEEDED
 
 
-_STATUS_ERRORS: dict[int, type[ServiceError]] = {
-    cls.status: cls
-    for cls in (BadRequest, Unauthorized, NotFound, MethodNotAllowed, NotAcceptable, PayloadTooLarge,
-                UnsupportedMediaType, InvalidRequest, QueueFull, RequestTimeout, NotReady, DeadlineExceeded)
-}
+def error_body(message: str, error_type: ErrorType) -> dict[str, str]:
+    return {"error": message, "error_type": error_type.value}
 
 
-def error_body(message: str, error_type: str) -> dict[str, str]:
-    return {"error": message, "error_type": error_type}
-
-
-def error_response(
-    status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(message, error_type), status_code=status, headers=dict(headers or {}))
+def error_response(error_type: ErrorType, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The JSON error answer, with the status of ``error_type``."""
+    return JSONResponse(error_body(message, error_type), status_code=error_type.status, headers=dict(headers or {}))
 
 
 def format_location(loc: Sequence[Any]) -> str:
@@ -159,15 +208,9 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]], limit: int =
     return "; ".join(parts)
 
 
-def validation_error(exc: ValidationError, prefix: Sequence[str | int] = ()) -> InvalidRequest:
-    """A pydantic ``ValidationError`` from our own parsing, as a 422 naming the field."""
-    errors = [{**e, "loc": (*prefix, *e["loc"])} for e in exc.errors(include_url=False)]
-    return InvalidRequest(describe_validation_errors(errors))
-
-
 async def _service_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status, exc.error_type, exc.message, exc.headers)
+    return error_response(exc.error_type, exc.message, exc.headers)
 
 
 async def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -179,8 +222,8 @@ async def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
             position = e["loc"][-1] if e.get("loc") else "?"
             reason = (e.get("ctx") or {}).get("error", e.get("msg", "invalid"))
             message = f"request body is not valid JSON: {reason} at character {position}"
-            return error_response(400, "bad_request", message)
-    return error_response(422, "validation_error", describe_validation_errors(errors))
+            return error_response(ErrorType.BAD_REQUEST, message)
+    return error_response(ErrorType.INVALID_REQUEST, describe_validation_errors(errors))
 
 
 async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
@@ -191,14 +234,13 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
         message = f"method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
-    cls = _STATUS_ERRORS.get(exc.status_code)
-    error_type = cls.error_type if cls else "http_error"
-    return error_response(exc.status_code, error_type, message, exc.headers)
+    return error_response(ErrorType.for_status(exc.status_code), message, exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); the server log has details")
+    message = f"internal error ({type(exc).__name__}); the server log has details"
+    return error_response(ErrorType.INTERNAL_ERROR, message)
 
 
 def install_error_handlers(app: FastAPI) -> None:

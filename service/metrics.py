@@ -45,6 +45,12 @@ class ServiceMetrics:
         self.batch_size.labels(operation).observe(size)
         self.inference_seconds.labels(operation).observe(seconds)
 
+    def observe_work(self, operation: str, images: int, tokens: int, queue_seconds: float) -> None:
+        """One answered /encode or /decode: its images (or grids), its tokens, and its longest queue wait."""
+        self.images.labels(operation).inc(images)
+        self.tokens.labels(operation).inc(tokens)
+        self.queue_seconds.labels(operation).observe(queue_seconds)
+
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)

@@ -17,6 +17,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +33,9 @@ from vqtok.service.errors import (
     error_body,
 )
 from vqtok.service.metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from vqtok.service.state import ServiceState
 
 # Paths anyone may open: liveness, readiness, metrics, and the API contract and its docs pages (a
 # browser cannot send a bearer key when it opens a page, and the contract is not a secret).
@@ -49,7 +53,7 @@ async def send_error(send: Send, exc: ServiceError, close: bool = False) -> None
     headers += [(name.lower().encode(), value.encode()) for name, value in exc.headers.items()]
     if close:
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.start", "status": exc.error_type.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -77,7 +81,7 @@ class AdmissionMiddleware:
     whether it is draining, and the count of admitted requests in progress.
     """
 
-    def __init__(self, app: ASGIApp, state: object) -> None:
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
         self.state = state
 
@@ -86,7 +90,7 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send)
             return
         state = self.state
-        settings = state.settings  # type: ignore[attr-defined]
+        settings = state.settings
         path = scope["path"]
         try:
             if settings.api_key is not None and path not in PUBLIC_PATHS:
@@ -94,14 +98,14 @@ class AdmissionMiddleware:
             if path not in WORK_PATHS:
                 await self.app(scope, receive, send)
                 return
-            if state.draining:  # type: ignore[attr-defined]
+            if state.draining:
                 raise NotReady("the service is shutting down; retry on another replica", headers={"Retry-After": "1"})
-            if state.in_flight >= settings.max_concurrent_requests:  # type: ignore[attr-defined]
+            if state.in_flight >= settings.max_concurrent_requests:
                 raise QueueFull(
-                    f"too many concurrent requests: {state.in_flight} in progress, the limit is "  # type: ignore[attr-defined]
+                    f"too many concurrent requests: {state.in_flight} in progress, the limit is "
                     f"{settings.max_concurrent_requests}; retry shortly", headers={"Retry-After": "1"},
                 )
-            batcher = state.batcher  # type: ignore[attr-defined]
+            batcher = state.batcher
             if batcher is not None and batcher.depth >= settings.max_queue_depth:
                 raise QueueFull(
                     f"queue full: {batcher.depth} items waiting, the limit is {settings.max_queue_depth}; "
@@ -110,11 +114,11 @@ class AdmissionMiddleware:
         except ServiceError as exc:
             await send_error(send, exc)
             return
-        state.in_flight += 1  # type: ignore[attr-defined]
+        state.in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            state.in_flight -= 1  # type: ignore[attr-defined]
+            state.in_flight -= 1
 
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)

@@ -17,8 +17,8 @@ from collections.abc import Generator, Iterator
 import uvicorn
 
 from vqtok.service.app import create_app, drain
-from vqtok.service.routes import ServiceState
 from vqtok.service.settings import Settings
+from vqtok.service.state import ServiceState
 
 EXIT_LOAD_FAILED = 3
 

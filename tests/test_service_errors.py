@@ -133,9 +133,9 @@ async def test_tokens_length_mismatch(service) -> None:
 
 async def test_tokens_without_grid_and_both_sources(service) -> None:
     response = await service.post("/decode", json={"tokens": [1, 2, 3]})
-    assert_error(response, 422, "validation_error", "'tokens' needs 'grid'")
+    assert_error(response, 422, "invalid_request", "'tokens' needs 'grid'")
     both = await service.post("/decode", json={"tokens": [1], "grid": [1, 1], "indices": [[1]]})
-    assert_error(both, 422, "validation_error", "exactly one of 'indices' or 'tokens'")
+    assert_error(both, 422, "invalid_request", "exactly one of 'indices' or 'tokens'")
 
 
 async def test_grid_over_token_limit(service, astronaut, image_bytes) -> None:
@@ -156,7 +156,7 @@ async def test_bad_size_string(service, astronaut, image_bytes, size: str) -> No
 async def test_bad_fit_value(service, astronaut, image_bytes) -> None:
     response = await service.post("/encode", params={"fit": "squash"}, content=image_bytes(astronaut, size=(16, 16)),
                                   headers=PNG_HEADERS)
-    assert_error(response, 422, "validation_error", "query.fit: Input should be 'pad', 'crop', 'resize' or 'none'")
+    assert_error(response, 422, "invalid_request", "query.fit: Input should be 'pad', 'crop', 'resize' or 'none'")
     part = ("a.png", image_bytes(astronaut, size=(16, 16)), "image/png")
     form = await service.post("/encode", files=[("image", part)],
                               data={"fit": "squash"})
@@ -190,9 +190,9 @@ async def test_malformed_json(service) -> None:
 
 async def test_wrong_json_types(service) -> None:
     response = await service.post("/decode", json={"indices": [[1, "x"]]})
-    assert_error(response, 422, "validation_error", "body.indices")
+    assert_error(response, 422, "invalid_request", "body.indices")
     unknown = await service.post("/decode", json={"indices": [[1]], "colour": "red"})
-    assert_error(unknown, 422, "validation_error", "body.colour: Extra inputs are not permitted")
+    assert_error(unknown, 422, "invalid_request", "body.colour: Extra inputs are not permitted")
     images = await service.post("/encode", json={"images": "abc"})
     assert_error(images, 422, "invalid_request", "body.images: Input should be a valid list")
 
@@ -207,15 +207,15 @@ async def test_a_wrong_value_in_a_grid_is_named_once_without_union_noise(service
 async def test_integers_beyond_int64_or_token_ids_are_422_not_500(service) -> None:
     huge = 10**30
     index = await service.post("/decode", json={"indices": [[huge, 1]]})
-    assert_error(index, 422, "validation_error", "body.indices[0][0]: Input should be less than 9223372036854775808")
+    assert_error(index, 422, "invalid_request", "body.indices[0][0]: Input should be less than 9223372036854775808")
     token = await service.post("/decode", json={"tokens": [1, 2, huge, 3], "grid": [2, 2]})
-    assert_error(token, 422, "validation_error", "body.tokens[2]: Input should be less than 9223372036854775808")
+    assert_error(token, 422, "invalid_request", "body.tokens[2]: Input should be less than 9223372036854775808")
     offset = await service.post("/decode", json={"indices": [[1]], "offset": huge})
-    assert_error(offset, 422, "validation_error", "body.offset: Input should be less than 2147483648")
+    assert_error(offset, 422, "invalid_request", "body.offset: Input should be less than 2147483648")
     bos = await service.post("/decode", json={"tokens": [1], "grid": [1, 1], "bos": huge})
-    assert_error(bos, 422, "validation_error", "body.bos: Input should be less than 2147483648")
+    assert_error(bos, 422, "invalid_request", "body.bos: Input should be less than 2147483648")
     encode = await service.post(f"/encode?offset={huge}", content=b"\x89PNG", headers={"content-type": "image/png"})
-    assert_error(encode, 422, "validation_error", "query.offset: Input should be less than 2147483648")
+    assert_error(encode, 422, "invalid_request", "query.offset: Input should be less than 2147483648")
 
 
 async def test_crop_to_larger_than_image(service) -> None:
@@ -227,6 +227,21 @@ async def test_unknown_route_and_wrong_method(service) -> None:
     assert_error(await service.get("/v1/encode"), 404, "not_found", "no route /v1/encode")
     assert_error(await service.get("/decode"), 405, "method_not_allowed", "method GET is not allowed on /decode")
     assert_error(await service.delete("/codebook"), 405, "method_not_allowed", "DELETE")
+
+
+async def test_error_types_are_one_closed_set_each_with_its_status() -> None:
+    """The README's list: every error_type the service sends, with its one status; 422 is only invalid_request."""
+    from vqtok.service.errors import ErrorType, ServiceError
+
+    assert {t.value: t.status for t in ErrorType} == {
+        "bad_request": 400, "unauthorized": 401, "not_found": 404, "method_not_allowed": 405,
+        "not_acceptable": 406, "request_timeout": 408, "payload_too_large": 413, "unsupported_media_type": 415,
+        "invalid_request": 422, "queue_full": 429, "internal_error": 500, "not_ready": 503,
+        "inference_failed": 503, "deadline_exceeded": 504,
+    }
+    for cls in ServiceError.__subclasses__():
+        assert cls("x").status == cls.error_type.status, cls
+    assert [t for t in ErrorType if t.status == 422] == [ErrorType.INVALID_REQUEST]
 
 
 async def test_garbage_inputs_never_500(service) -> None:

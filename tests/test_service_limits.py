@@ -388,10 +388,10 @@ async def test_decode_request_token_total_is_refused_before_any_work(make_servic
 
 @pytest.mark.asyncio
 async def test_decode_request_token_total_counts_before_building_arrays(make_service, monkeypatch) -> None:
-    from vqtok.service import routes
+    from vqtok.service import parsing
 
     built: list[str] = []
-    monkeypatch.setattr(routes, "grid_from_rows", lambda *args: built.append(args[-1]))
+    monkeypatch.setattr(parsing, "grid_from_rows", lambda *args: built.append(args[-1]))
     grids = [np.zeros((32, 32), dtype=int).tolist()] * 5
     async with make_service(max_tokens_per_grid=1024, max_tokens_per_request=4096) as (app, client):
         submitted = never_submitted(app)

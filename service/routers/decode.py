@@ -1,0 +1,83 @@
+"""``POST /decode``: token grids (or an LLM's flat tokens) -> images."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from vqtok.service.dependencies import AcceptsJson, ReadyModel, require_json
+from vqtok.service.imaging import Size, encode_image_bytes, media_type
+from vqtok.service.limits import check_decode_limits
+from vqtok.service.parsing import build_grids, parse_decode
+from vqtok.service.responses import ERROR_RESPONSES, model_headers, timing_headers
+from vqtok.service.schemas import DecodedImage, DecodeRequest, DecodeResponse
+
+router = APIRouter(tags=["decode"])
+
+
+def _render_images(pixels: Sequence[np.ndarray], crops: Sequence[Size | None], body: DecodeRequest) -> list[bytes]:
+    """Crop (top-left) and encode every decoded (H, W, 3) uint8 image (runs in the threadpool)."""
+    files = []
+    for image, crop in zip(pixels, crops, strict=True):
+        cropped = np.ascontiguousarray(image[: crop.height, : crop.width]) if crop is not None else image
+        files.append(encode_image_bytes(cropped, body.format, body.quality))
+    return files
+
+
+@router.post(
+    "/decode",
+    responses={
+        **ERROR_RESPONSES,
+        200: {
+            "description": "one grid: the image file; several grids (or Accept: application/json): JSON",
+            "content": {
+                "image/png": {}, "image/jpeg": {}, "image/webp": {},
+            },
+            "model": DecodeResponse,
+        },
+    },
+    response_class=Response,
+    dependencies=[Depends(require_json)],
+    summary="Token grids -> images",
+)
+async def decode(body: DecodeRequest, ready: ReadyModel, want_json: AcceptsJson) -> Response:
+    """Decode ``indices`` (raw or offset) or an LLM's flat ``tokens`` back to images."""
+    settings, engine = ready.settings, ready.engine
+    f = engine.config.downsample
+    sent = parse_decode(body, settings.max_images_per_request)
+    check_decode_limits(sent, body, settings, f)  # before any array is built
+    grids = await run_in_threadpool(
+        build_grids, body, sent, engine.config.num_embeddings, settings.max_tokens_per_grid,
+    )
+
+    result = await ready.batcher.submit("decode", [torch.from_numpy(grid) for grid in grids])
+    pixels = [output.numpy() for output in result.outputs]  # each (H, W, 3) uint8
+    files = await run_in_threadpool(_render_images, pixels, sent.crops, body)
+    ready.metrics.observe_work("decode", len(grids), sum(grid.size for grid in grids), result.queue_seconds)
+
+    headers = {**timing_headers(result), **model_headers(engine)}
+    mime = media_type(body.format)
+    if sent.single and not want_json:
+        grid = grids[0]
+        headers["x-grid"] = f"{grid.shape[0]},{grid.shape[1]}"
+        return Response(files[0], media_type=mime, headers=headers)
+    payload = DecodeResponse(
+        model=engine.identity(),
+        images=[
+            DecodedImage(
+                image=base64.b64encode(data).decode("ascii"),
+                media_type=mime,
+                width=(crop.width if crop else grid.shape[1] * f),
+                height=(crop.height if crop else grid.shape[0] * f),
+                grid=(grid.shape[0], grid.shape[1]),
+            )
+            for data, grid, crop in zip(files, grids, sent.crops, strict=True)
+        ],
+    )
+    return JSONResponse(payload.model_dump(mode="json"), headers=headers)

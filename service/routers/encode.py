@@ -1,0 +1,150 @@
+"""``POST /encode``: images -> token grids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from vqtok.service.dependencies import AcceptsNpy, ReadyModel
+from vqtok.service.errors import NotAcceptable
+from vqtok.service.imaging import (
+    IMAGE_CONTENT_TYPES,
+    DecodeBudget,
+    FittedImage,
+    Size,
+    check_image_grid,
+    load_fitted,
+    probe_image,
+)
+from vqtok.service.limits import check_encode_size, check_request_tokens
+from vqtok.service.parsing import EncodeInput, read_encode_body
+from vqtok.service.responses import ERROR_RESPONSES, NPY, model_headers, npy_bytes, timing_headers
+from vqtok.service.schemas import EncodedImage, EncodeJSONRequest, EncodeOptions, EncodeResponse, ImageSize
+from vqtok.service.settings import Settings
+from vqtok.service.tokens import to_tokens
+
+router = APIRouter(tags=["encode"])
+
+
+def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """A nullable option's schema as a form field: a form cannot send null, only leave the field out."""
+    branches = [b for b in schema.get("anyOf", []) if b.get("type") != "null"]
+    if len(branches) == 1:
+        return {**{k: v for k, v in schema.items() if k != "anyOf"}, **branches[0]}
+    return schema
+
+
+# The body is read by parsing.read_encode_body (three content types), so the OpenAPI document states it here.
+ENCODE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                              "description": "one or more image files (repeat the part); bytes that are no "
+                              "image in a supported format are a 415"},
+                    **{k: _form_field(v) for k, v in EncodeOptions.model_json_schema()["properties"].items()},
+                },
+                "required": ["image"],
+                "additionalProperties": False,
+            }},
+            "application/json": {"schema": EncodeJSONRequest.model_json_schema()},
+            **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in IMAGE_CONTENT_TYPES[:4]},
+        },
+    }
+}
+
+
+def _fit_images(request: EncodeInput, settings: Settings, downsample: int, budget: DecodeBudget) -> list[FittedImage]:
+    """Check every image from its header, then decode and fit them one at a time (runs in the threadpool).
+
+    Nothing is decoded until every image's pixels, grid and the request's token total are known to be
+    within the limits; each decode then holds its pixels in the process-wide ``budget``."""
+    images, size, fit = request.images, request.size, request.options.fit
+    headers = [probe_image(data, settings.max_pixels, where) for where, data in images]
+    tokens = [check_image_grid(header, size, fit, downsample, settings.max_tokens_per_grid, where)
+              for header, (where, _) in zip(headers, images, strict=True)]
+    check_request_tokens(tokens, settings.max_tokens_per_request, "encoded images",
+                         "send fewer images per request or a smaller size")
+    return [load_fitted(data, header, size, fit, downsample, budget, settings.max_pixels, where)
+            for header, (where, data) in zip(headers, images, strict=True)]
+
+
+def _check_one_grid(fitted: Sequence[FittedImage]) -> None:
+    """``NotAcceptable`` unless every image encodes to the same grid: one (N, h, w) array holds them."""
+    if len({image.encoded for image in fitted}) > 1:
+        sizes = ", ".join(f"{i.encoded.width}x{i.encoded.height}" for i in fitted)
+        raise NotAcceptable(
+            f"Accept: {NPY} needs every image to encode to the same grid, got sizes {sizes}; "
+            "pass size=... (e.g. size=256&fit=crop) or accept application/json"
+        )
+
+
+def _image_size(size: Size) -> ImageSize:
+    return ImageSize(width=size.width, height=size.height)
+
+
+@router.post(
+    "/encode",
+    response_model=EncodeResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {NPY: {"description": "(N, h, w) int64 indices"}}}},
+    openapi_extra=ENCODE_BODY,
+    summary="Images -> token grids",
+)
+async def encode(
+    request: Request,
+    response: Response,
+    query: Annotated[EncodeOptions, Query()],
+    ready: ReadyModel,
+    want_npy: AcceptsNpy,
+) -> Any:
+    """Encode one or many images to grids of codebook indices.
+
+    Send multipart ``image`` parts, JSON ``{"images": [base64, ...]}``, or one raw image body. With
+    ``Accept: application/x-npy`` the answer is one (N, h, w) int64 NumPy array (all grids must match).
+    """
+    settings, engine = ready.settings, ready.engine
+    downsample = engine.config.downsample
+    body = await read_encode_body(request, query, settings)
+    if body.size is not None:  # from the numbers alone, before any image is read past its header
+        check_encode_size(body.size, body.size_name, len(body.images), settings, downsample)
+    fitted = await run_in_threadpool(_fit_images, body, settings, downsample, ready.decode_budget)
+    if want_npy:
+        _check_one_grid(fitted)
+
+    tensors = [torch.from_numpy(image.pixels).permute(2, 0, 1).contiguous() for image in fitted]
+    result = await ready.batcher.submit("encode", tensors)
+    grids = [output.numpy() for output in result.outputs]  # each (h, w) int64
+    ready.metrics.observe_work("encode", len(grids), sum(grid.size for grid in grids), result.queue_seconds)
+
+    headers = {**timing_headers(result), **model_headers(engine)}
+    if want_npy:
+        headers["x-vqtok-content-sizes"] = ",".join(f"{i.content.width}x{i.content.height}" for i in fitted)
+        return Response(npy_bytes(np.stack(grids)), media_type=NPY, headers=headers)
+    response.headers.update(headers)
+    options = body.options
+    return EncodeResponse(
+        model=engine.identity(),
+        fit=options.fit,
+        offset=options.offset,
+        bos=options.bos,
+        eos=options.eos,
+        images=[
+            EncodedImage(
+                indices=grid.tolist(),
+                grid=(grid.shape[0], grid.shape[1]),
+                original_size=_image_size(image.original),
+                encoded_size=_image_size(image.encoded),
+                content_size=_image_size(image.content),
+                tokens=to_tokens(grid, options.offset, options.bos, options.eos) if options.want_tokens else None,
+            )
+            for grid, image in zip(grids, fitted, strict=True)
+        ],
+    )
