@@ -22,7 +22,7 @@ from PIL import Image
 from vqtok.service import __version__
 from vqtok.service.batching import MicroBatcher
 from vqtok.service.engine import Engine
-from vqtok.service.errors import install_error_handlers
+from vqtok.service.handlers import install_error_handlers
 from vqtok.service.metrics import ServiceMetrics
 from vqtok.service.middleware import AdmissionMiddleware, MetricsMiddleware, RequestBodyMiddleware
 from vqtok.service.routers import OPENAPI_TAGS, codebook, decode, encode, health, info

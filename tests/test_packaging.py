@@ -66,6 +66,10 @@ def test_installed_wheel_is_not_shadowed_and_bare_names_are_gone(installed: Path
         "assert load_checkpoint(DEFAULT_CHECKPOINT).name == 'vqtok-default-f4'\n"
         "assert importlib.util.find_spec('service') is None\n"
         "assert vqtok.Client.__module__ == 'vqtok.service.client'\n"
+        "import numpy as np\n"
+        "tokenizer = vqtok.Tokenizer.from_checkpoint('default', device='cpu')\n"
+        "grid = tokenizer.encode(np.full((32, 48, 3), 128, dtype=np.uint8))\n"
+        "assert grid.shape == (8, 12) and tokenizer.decode(grid).shape == (32, 48, 3)\n"
         "print('ok')\n"
     )
     result = _run_outside(installed, code, tmp_path)

@@ -1,7 +1,8 @@
 """vqtok: a VQ-VAE image tokenizer for language models (library, CLI and HTTP service).
 
-The package is light to import: ``vqtok.Client`` and the subpackages load on first use, so
-``import vqtok`` pulls in neither torch nor the web stack.
+The public API: ``vqtok.Tokenizer`` (images <-> token grids in this process) and ``vqtok.Client``
+(the same over HTTP, against ``vqtok serve``). The package is light to import: both load on first
+use, so ``import vqtok`` pulls in neither torch nor the web stack, and ``Client`` never needs torch.
 
 - ``vqtok.model``: the networks, quantizers, checkpoints, training and evaluation (no HTTP).
 - ``vqtok.service``: the FastAPI service, its micro-batcher, and the HTTP client.
@@ -20,13 +21,15 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 if TYPE_CHECKING:
     from vqtok.service.client import VQTokClient as Client
+    from vqtok.tokenizer import Tokenizer
 
 # public name -> (module, attribute), imported on first access
 _LAZY: dict[str, tuple[str, str]] = {
     "Client": ("vqtok.service.client", "VQTokClient"),
+    "Tokenizer": ("vqtok.tokenizer", "Tokenizer"),
 }
 
-__all__ = ["Client", "__version__"]
+__all__ = ["Client", "Tokenizer", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
