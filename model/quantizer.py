@@ -12,16 +12,17 @@ Both search the nearest code in float32 by ``argmin ||z||^2 + ||e||^2 - 2 z.e`` 
 N x K one-hot matrix), look vectors up by index, pass gradients straight through, report perplexity
 and codes used, and keep the codebook healthy: a code unused for ``dead_code_window`` training
 steps is re-seeded from the current batch's encoder outputs, and the codebook can start from
-k-means on the first batch. Under ``torch.distributed`` every statistic that changes the codebook
-is all-reduced (or broadcast from rank 0) so that every rank holds the same codebook.
+k-means on the first batch. Every statistic that changes the codebook goes through the quantizer's
+``reducer`` (all-reduced, or broadcast from rank 0): under DDP the trainer injects one backed by
+``torch.distributed``, so that every rank holds the same codebook.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -52,22 +53,25 @@ class QuantizerOutput:
     counts: torch.Tensor
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (a no-op in a single process)."""
-    if _distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
-    """Overwrite ``tensor`` with rank 0's copy (a no-op in a single process)."""
-    if _distributed():
-        dist.broadcast(tensor, src=0)
-    return tensor
+@dataclass(frozen=True)
+class Reducer:
+    """How a quantizer combines its statistics across processes (injected, as vector-quantize-pytorch's
+    ``all_reduce_fn``): single-process code and tests never touch distributed state.
+
+    Attributes:
+      all_reduce_sum: sums a tensor over ranks in place and returns it.
+      broadcast_from_rank0: overwrites a tensor with rank 0's copy in place and returns it.
+    """
+
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _unchanged
+    broadcast_from_rank0: Callable[[torch.Tensor], torch.Tensor] = _unchanged
+
+
+SINGLE_PROCESS = Reducer()  # one process: nothing to combine
 
 
 def nearest_code(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -164,6 +168,7 @@ class _QuantizerBase(nn.Module):
         # Whether the codebook has been initialised from data (k-means); True when kmeans_init is off.
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         self.restarts_total = 0  # codes re-seeded so far in this process (for logging)
+        self.reducer = SINGLE_PROCESS  # the trainer injects a torch.distributed one under DDP
 
     # --- codebook storage, provided by subclasses -------------------------------------------------
     @property
@@ -214,7 +219,7 @@ class _QuantizerBase(nn.Module):
             indices = nearest_code(detached, self.codebook)  # (N,)
             counts = torch.bincount(indices, minlength=self.num_embeddings).float()
             if self.training:
-                _all_reduce_sum(counts)  # the codebook statistics are global under DDP
+                self.reducer.all_reduce_sum(counts)  # the codebook statistics are global under DDP
         # Vectors are looked up before this step's codebook update, as in Sonnet.
         quantized = self.lookup(indices).view(b, h, w, d).permute(0, 3, 1, 2)
         loss = self._losses(inputs, quantized)
@@ -239,7 +244,7 @@ class _QuantizerBase(nn.Module):
         """Set the codebook to k-means centres of rank 0's first batch (broadcast to every rank)."""
         with torch.no_grad():
             centres = kmeans(flat.float(), self.num_embeddings, self.kmeans_iters)
-            _broadcast_from_rank0(centres)
+            self.reducer.broadcast_from_rank0(centres)
             self._set_codes(torch.arange(self.num_embeddings, device=flat.device), centres)
             self.initialized.fill_(True)
 
@@ -259,7 +264,7 @@ class _QuantizerBase(nn.Module):
             return
         # Fresh vectors for the dead codes: random encoder outputs of this batch, chosen on rank 0.
         picks = torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)
-        vectors = _broadcast_from_rank0(flat[picks].float().contiguous())
+        vectors = self.reducer.broadcast_from_rank0(flat[picks].float().contiguous())
         self._set_codes(dead, vectors)
         self.steps_since_used[dead] = 0
         self.restarts_total += int(dead.numel())
@@ -357,7 +362,7 @@ class VectorQuantizerEMA(_QuantizerBase):
 
     def _update_codebook(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
         sums = torch.zeros_like(self.ema_embedding_sum).index_add_(0, indices, flat.float())  # (K, D)
-        _all_reduce_sum(sums)  # counts arrive already summed over ranks
+        self.reducer.all_reduce_sum(sums)  # counts arrive already summed over ranks
         self.ema_cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         self.ema_embedding_sum.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
         total = self.ema_cluster_size.sum()

@@ -42,6 +42,7 @@ from vqtok.model.checkpoint import load_checkpoint, pick_device, read_checkpoint
 from vqtok.model.config import VQVAEConfig
 from vqtok.model.evaluate import evaluate_images, reconstruct
 from vqtok.model.options import add_dataclass_arguments, dataclass_from_args
+from vqtok.model.quantizer import Reducer
 from vqtok.model.vqvae import VQVAE
 
 
@@ -116,6 +117,19 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def distributed_reducer() -> Reducer:
+    """The quantizer's reducer under torchrun: statistics summed over ranks, restarts from rank 0."""
+    def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(tensor, src=0)
+        return tensor
+
+    return Reducer(all_reduce_sum, broadcast_from_rank0)
 
 
 def setup_distributed(device_request: str) -> tuple[Distributed, torch.device]:
@@ -280,6 +294,7 @@ class Trainer:
         self.model.train()
         self.trainable: torch.nn.Module = self.model
         if self.place.enabled:
+            self.model.quantizer.reducer = distributed_reducer()
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.trainable = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
 

@@ -233,3 +233,34 @@ def test_threshold_reseeds_rarely_used_ema_codes_with_grace() -> None:
 def test_threshold_needs_the_ema_quantizer() -> None:
     with pytest.raises(ValueError, match="dead_code_threshold needs the 'ema' quantizer"):
         VQVAEConfig(quantizer="plain", dead_code_threshold=1.0)
+
+
+def test_the_quantizer_combines_statistics_through_its_injected_reducer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single-process code never touches torch.distributed; an injected reducer sees every statistic."""
+    import torch.distributed as dist
+
+    from vqtok.model.quantizer import Reducer, VectorQuantizerEMA
+
+    def no_distributed(*args: object, **kwargs: object) -> bool:
+        raise AssertionError("the quantizer looked at torch.distributed")
+
+    monkeypatch.setattr(dist, "is_initialized", no_distributed)
+    monkeypatch.setattr(dist, "all_reduce", no_distributed)
+    torch.manual_seed(0)
+    quantizer = VectorQuantizerEMA(8, 4, 0.25, decay=0.9, epsilon=1e-5, dead_code_window=1).train()
+    inputs = torch.randn(2, 4, 3, 3)
+    quantizer(inputs)  # the default reducer: one process, nothing to combine
+    seen: list[str] = []
+
+    def summed(tensor: torch.Tensor) -> torch.Tensor:
+        seen.append("sum")
+        return tensor.mul_(2)  # as if a second, identical rank had the same statistics
+
+    def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+        seen.append("broadcast")
+        return tensor
+
+    quantizer.reducer = Reducer(summed, from_rank0)
+    out = quantizer(inputs)
+    assert "sum" in seen and "broadcast" in seen  # counts, EMA sums and the restarts went through it
+    assert float(out.counts.sum()) == 2 * inputs.shape[0] * 3 * 3  # the counts came back summed
