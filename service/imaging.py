@@ -447,22 +447,51 @@ def _draft_jpeg(image: Image.Image, stored: Size, target: Size, fit: FitMode, do
     return drafted[1][2] / stored.width  # draft's box: the full image in the drafted pixels
 
 
+# What decoding one pixel costs, relative to an 8-bit RGB one (about 4.3 bytes with Pillow's buffers),
+# measured on a 4000x3000 image each (README, "Memory and time are bounded"): the budget counts
+# RGB-pixel equivalents, so its memory bound holds whatever the formats being decoded.
+_DECODE_COST_WEBP = 3.7  # libwebp's canvases: ~16 bytes a pixel
+_DECODE_COST_ALPHA = 2.8  # RGBA/LA/transparent palettes, composited on white: ~12 bytes
+_DECODE_COST_HIGH_DEPTH = 6.0  # 16-bit and float greyscale, rescaled in float64: ~26 bytes
+_DECODE_COST_GREY = 1.25  # greyscale, palette, GIF: ~5.3 bytes
+
+
+def decode_cost(fmt: str, mode: str | None, transparent: bool = False) -> float:
+    """RGB-pixel equivalents one pixel of this image costs to decode (``mode`` None: not known yet)."""
+    if fmt == "WEBP":
+        return _DECODE_COST_WEBP
+    if mode is None or mode in ("RGB", "YCbCr", "CMYK"):
+        return 1.0
+    if mode.startswith("I") or mode == "F":
+        return _DECODE_COST_HIGH_DEPTH
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent:
+        return _DECODE_COST_ALPHA
+    return _DECODE_COST_GREY
+
+
 def load_fitted(data: bytes, header: ImageHeader, target: Size | None, fit: FitMode, downsample: int,
                 budget: DecodeBudget, max_pixels: int, where: str) -> FittedImage:
     """Decode the image ``probe_image`` read the header of, and fit it (see ``plan_fit``).
 
     A JPEG with a ``target`` decodes at a reduced DCT scale when that keeps enough pixels. The decoded
-    pixels are reserved in ``budget`` before decoding, and given back once the fitted copy (the only
-    array that leaves) exists. Errors as ``probe_image``, plus ``QueueFull`` when the budget stays full.
+    pixels, weighted by what a pixel of that format and mode costs (``decode_cost``), are reserved in
+    ``budget`` before decoding, and given back once the fitted copy (the only array that leaves)
+    exists. Pillow allocates a WebP's canvases when it opens the file, so a WebP reserves before it
+    is opened. Errors as ``probe_image``, plus ``QueueFull`` when the budget stays full.
     """
     fmt = header.format
     with _pillow_errors(fmt, max_pixels, where):
+        if fmt == "WEBP":
+            with budget.reserve(math.ceil(header.size.pixels * decode_cost(fmt, None)), where), \
+                    Image.open(io.BytesIO(data), formats=[fmt]) as image:
+                return _decode_and_fit(image, header, 1.0, target, fit, downsample, where)
         image = Image.open(io.BytesIO(data), formats=[fmt])
         try:
             scale = 1.0
             if fmt == "JPEG" and target is not None and fit != "none":
                 scale = _draft_jpeg(image, header.size, target, fit, downsample, where)
-            with budget.reserve(image.size[0] * image.size[1], where):
+            cost = decode_cost(fmt, image.mode, transparent="transparency" in image.info)
+            with budget.reserve(math.ceil(image.size[0] * image.size[1] * cost), where):
                 fitted = _decode_and_fit(image, header, scale, target, fit, downsample, where)
                 image.close()  # the decoded buffer goes before the reservation does
         finally:

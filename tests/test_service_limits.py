@@ -484,3 +484,28 @@ async def test_fit_none_mismatch_is_refused_from_the_header(make_service, astron
     assert_error(not_multiple, 422, "invalid_request", "body: 510x384 is not a multiple of the downsample factor 4 "
                  "and fit=none does not resize")
     assert decodes == []
+
+
+@pytest.mark.parametrize(("mode", "fmt", "cost"), [
+    ("RGB", "PNG", 1.0), ("L", "PNG", 1.25), ("RGBA", "PNG", 2.8), ("I;16", "PNG", 6.0), ("RGB", "WEBP", 3.7),
+    ("RGB", "JPEG", 1.0),
+])
+def test_the_decode_budget_counts_what_a_pixel_costs(mode: str, fmt: str, cost: float) -> None:
+    """A WebP, alpha or 16-bit pixel takes several times an RGB pixel's memory: it reserves as much."""
+    image = Image.new(mode, (40, 25))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    data = buffer.getvalue()
+    budget = DecodeBudget(10**9, timeout_s=1.0)
+    reserved: list[int] = []
+    real_reserve = budget.reserve
+
+    def spy(pixels: int, where: str):  # type: ignore[no-untyped-def]
+        reserved.append(pixels)
+        return real_reserve(pixels, where)
+
+    budget.reserve = spy  # type: ignore[method-assign]
+    header = probe_image(data, 10**8, "body")
+    fitted = load_fitted(data, header, None, "pad", 4, budget, 10**8, "body")
+    assert fitted.pixels.shape == (28, 40, 3)
+    assert reserved == [int(np.ceil(40 * 25 * cost))]
