@@ -1,9 +1,12 @@
-"""Tests of model/data.py: real images on disk, the bundled photos, a synthetic CIFAR-10 batch."""
+"""Tests of model/data/: real images on disk, the bundled photos, a synthetic CIFAR-10 batch, the Source protocol."""
 
 from __future__ import annotations
 
+import io
+import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,9 +17,17 @@ from vqtok.model import data
 from vqtok.model.data import (
     HELDOUT_SEED,
     PHOTO_HELDOUT,
+    BaseSource,
     Cifar10,
+    Cifar10Source,
+    FolderSource,
     ImageFolder,
     PhotoCrops,
+    PhotoSource,
+    Source,
+    SourceCrops,
+    SourceItem,
+    UnreadableImage,
     build_dataset,
     data_variance,
     describe,
@@ -24,7 +35,9 @@ from vqtok.model.data import (
     is_heldout_path,
     iter_full_images,
     load_photos,
+    open_source,
     photo_sources,
+    to_pixels,
     to_rgb_array,
 )
 
@@ -160,8 +173,6 @@ def test_build_dataset_photos_heldout_ignores_training_seed() -> None:
 
 
 def test_describe_photos_is_json_able() -> None:
-    import json
-
     record = describe("photos", "train")
     assert record["kind"] == "photos" and record["split"] == "train"
     assert record["heldout"] == list(PHOTO_HELDOUT)
@@ -379,3 +390,168 @@ def test_items_do_not_depend_on_worker_count() -> None:
     serial = torch.cat(list(torch.utils.data.DataLoader(crops, batch_size=3, num_workers=0)))
     parallel = torch.cat(list(torch.utils.data.DataLoader(crops, batch_size=3, num_workers=2)))
     assert torch.equal(serial, parallel)
+
+
+# --------------------------------------------------------------------------- the Source protocol
+
+
+def _check_source(source: Source, kind: str, split: str, n: int) -> list[str]:
+    """The protocol's contract on one source; returns its keys."""
+    assert isinstance(source, Source) and source.kind == kind and source.split == split and len(source) == n
+    keys = []
+    for item in source:
+        assert isinstance(item, SourceItem)
+        pixels = to_pixels(item.image)
+        assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+        keys.append(item.key)
+    assert len(set(keys)) == n
+    assert source[-1].key == keys[-1] and source[0].key == keys[0]
+    with pytest.raises(IndexError):
+        source[n]
+    reopened = open_source(source.name, split)  # the name is a spec that opens the same data
+    assert type(reopened) is type(source) and [item.key for item in reopened] == keys
+    record = source.describe()
+    assert record["kind"] == kind and record["split"] == split and record["num_images"] == n
+    assert json.loads(json.dumps(record)) == record
+    record["num_images"] = -1  # a copy: the cached record cannot be edited from outside
+    assert source.describe()["num_images"] == n
+    return keys
+
+
+def test_source_protocol_photos() -> None:
+    source = open_source("photos", "heldout")
+    assert isinstance(source, PhotoSource)
+    assert _check_source(source, "photos", "heldout", 3) == list(PHOTO_HELDOUT)
+    train = source.with_split("train")
+    assert _check_source(train, "photos", "train", len(photo_sources()) - 3) == [n for n, _ in load_photos("train")]
+    assert open_source(source, "heldout") is source  # a source is never re-parsed
+
+
+def test_source_protocol_folder(tmp_path: Path) -> None:
+    _write_images(tmp_path)
+    source = open_source(str(tmp_path), "all")
+    assert isinstance(source, FolderSource)
+    keys = _check_source(source, "folder", "all", 8)
+    assert "nested/deeper/tiny.png" in keys and "corrupt.png" not in keys
+    assert source[keys.index("rgb.png")].metadata["path"] == str(tmp_path / "rgb.png")
+    train, heldout = source.with_split("train"), source.with_split("heldout")
+    assert train.index is source.index and heldout.index is source.index  # one scan for every split
+    assert sorted([item.key for item in train] + [item.key for item in heldout]) == sorted(keys)
+    assert source.describe()["skipped"] == 2
+
+
+def test_source_protocol_cifar10(tmp_path: Path) -> None:
+    images = _write_cifar(tmp_path, [*data.CIFAR_TRAIN_BATCHES, "test_batch"])
+    source = open_source(f"cifar10:{tmp_path}", "heldout")
+    assert isinstance(source, Cifar10Source)
+    assert _check_source(source, "cifar10", "heldout", 4) == ["heldout/0", "heldout/1", "heldout/2", "heldout/3"]
+    item = source[2]
+    assert np.array_equal(item.image, images[2].transpose(1, 2, 0)) and item.metadata == {"label": 2}
+    assert len(source.with_split("train")) == 20
+
+
+def _count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every ``PIL.Image.open`` from now on, by path."""
+    opened: list[str] = []
+    real_open = Image.open
+
+    def counting_open(fp: Any, *args: Any, **kwargs: Any) -> Image.Image:
+        opened.append(str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    return opened
+
+
+def test_folder_describe_verifies_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_images(tmp_path)
+    opened = _count_opens(monkeypatch)
+    source = open_source(f"folder:{tmp_path}", "train")
+    assert opened == []  # opening a spec reads nothing
+    first = source.describe()
+    assert len(opened) == 10  # every non-hidden file, once
+    assert source.describe() == first and describe(source, "train") == first
+    assert len(opened) == 10
+    # A spec string opens a fresh source, yet the unchanged folder is not verified again; nor do the
+    # training sets (both splits) and the full-image walk verify it.
+    assert describe(str(tmp_path), "train") == first
+    ImageFolder(tmp_path, 16, split="all")
+    build_dataset(source, 16, "all")
+    assert len(opened) == 10
+    # A changed folder is scanned again: a new file, and a file rewritten in place.
+    Image.fromarray(_noise(8, 8)).save(tmp_path / "new.png")
+    assert describe(str(tmp_path), "all")["num_images"] == 9
+    (tmp_path / "rgb.png").write_bytes(b"now broken")
+    assert describe(str(tmp_path), "all")["skipped"] == 3
+
+
+def test_training_sets_from_one_opened_source(tmp_path: Path) -> None:
+    for i in range(64):  # img_50 and img_61 are held out at the default fraction
+        Image.fromarray(_noise(20, 20, seed=i)).save(tmp_path / f"img_{i:02d}.png")
+    source = open_source(str(tmp_path))
+    train = build_dataset(source, 16, "train", seed=1)
+    heldout = build_dataset(source, 16, "heldout", seed=1, length=2)
+    assert isinstance(train, ImageFolder) and train.source.index is source.index
+    assert torch.equal(train[3], build_dataset(str(tmp_path), 16, "train", seed=1)[3])
+    assert len(heldout) == 2 and [f.name for f in source.with_split("heldout").files] == ["img_50.png", "img_61.png"]
+    names = [train.relative_name(i) for i in range(len(train))]
+    assert [name for name, _ in iter_full_images(source, "train")] == names
+
+
+class _BytesSource(BaseSource):
+    """A stand-in for tar shards / Parquet rows: encoded images with metadata, one of them broken."""
+
+    kind = "memory"
+
+    def __init__(self, blobs: list[bytes], split: str = "all") -> None:
+        super().__init__(split)
+        self.blobs = blobs
+
+    @classmethod
+    def check_argument(cls, spec: str, argument: str) -> None:  # pragma: no cover - not in the spec table
+        raise ValueError(spec)
+
+    @classmethod
+    def from_spec(cls, argument: str, split: str) -> _BytesSource:  # pragma: no cover
+        raise ValueError(argument)
+
+    @property
+    def name(self) -> str:
+        return "memory:"
+
+    def with_split(self, split: str) -> _BytesSource:
+        return _BytesSource(self.blobs, split)
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, index: int) -> SourceItem:
+        i = self.check_index(index)
+        return SourceItem(f"blob-{i}", self.blobs[i], {"caption": f"image {i}"})
+
+    def _describe(self) -> dict[str, Any]:
+        return {"source": "memory", "num_images": len(self)}
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_source_of_encoded_bytes_trains_and_evaluates_without_a_kind_switch() -> None:
+    good = _noise(24, 30, seed=2)
+    source = _BytesSource([_png(good), b"not an image", _png(_noise(16, 16, seed=3))])
+    assert isinstance(source, Source)
+    with pytest.raises(UnreadableImage):
+        to_pixels(source[1].image)
+    assert np.array_equal(to_pixels(source[0].image), good)
+    full = dict(iter_full_images(source, "all"))  # the broken blob is skipped
+    assert list(full) == ["blob-0", "blob-2"]
+    assert torch.equal(full["blob-0"], torch.from_numpy(good.transpose(2, 0, 1).copy()).float() / 255)
+    crops = build_dataset(source, 16, "all", seed=0)  # the generic crops: no registration needed
+    assert isinstance(crops, SourceCrops) and len(crops) == 3
+    assert torch.equal(crops[1], SourceCrops(source, 16, seed=0)[1])
+    resized = build_dataset(source, 8, "all", mode="resize")
+    assert torch.equal(resized[1], resized[2])  # item 1 falls back to the next readable item
+    _assert_image_tensor(resized[0], 8, 8)
