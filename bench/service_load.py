@@ -56,13 +56,13 @@ def tiny_checkpoint(directory: Path) -> Path:
     """An untrained tiny checkpoint (the serving path costs the same as with a trained one)."""
     import torch
 
-    from vqtok.model.checkpoint import save_checkpoint
-    from vqtok.model.config import VQVAEConfig
+    from vqtok.model.checkpoint import Provenance, save_checkpoint
+    from vqtok.model.config import NetworkConfig
     from vqtok.model.vqvae import VQVAE
 
     torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(num_hiddens=32, num_residual_hiddens=8, embedding_dim=16, num_embeddings=64))
-    return save_checkpoint(directory / "bench-tiny", model.eval(), {"name": "bench-tiny"})
+    model = VQVAE(NetworkConfig(num_hiddens=32, num_residual_hiddens=8, embedding_dim=16, num_embeddings=64))
+    return save_checkpoint(directory / "bench-tiny", model.eval(), Provenance(name="bench-tiny"))
 
 
 def free_port() -> int:

@@ -1,17 +1,18 @@
 """Checkpoints: a directory holding ``model.safetensors`` and ``config.json``.
 
-``config.json`` carries the full ``VQVAEConfig``, the sha256 of the weights file and the ``model_id``
-(a hash over the weights and every config field that changes tokens, see ``compute_model_id``), plus
-whatever the trainer records (data, steps, wall time, metrics, codebook usage). Writes are atomic: the
-new checkpoint is written into a temporary sibling directory and renamed into place, so a killed run
-leaves either the old checkpoint or the new one, never half of one.
+``config.json`` holds the checkpoint's record (``model.record.CheckpointRecord``, read and written
+only there): the network config, the codebook-training config, the sha256 of the weights file, the
+``model_id`` (a hash over the weights and the network config, see ``compute_model_id``), and how the
+model was made (provenance, held-out metrics, codebook usage). Writes are atomic: the new checkpoint
+is written into a temporary sibling directory and renamed into place, so a killed run leaves either
+the old checkpoint or the new one, never half of one.
 
 Loading refuses, with a ``CheckpointError`` naming the file and the problem, anything that would serve
-wrong tokens or exhaust memory: a config value of the wrong type or beyond its bounds (checked before
-any tensor is allocated), a ``weights_file`` that is not a plain file name, weights whose sha256 or
-tensor names and shapes do not match, NaN or Inf in a tensor, and a recorded ``model_id`` that no
-longer matches (``config.json`` edited after the checkpoint was written). ``verify_checkpoint`` runs
-every one of these checks without building the model.
+wrong tokens or exhaust memory: a record of an unknown format or version, a config value of the wrong
+type or beyond its bounds (checked before any tensor is allocated), a ``weights_file`` that is not a
+plain file name, weights whose sha256 or tensor names and shapes do not match, NaN or Inf in a tensor,
+and a recorded ``model_id`` that no longer matches (``config.json`` edited after the checkpoint was
+written). ``verify_checkpoint`` runs every one of these checks without building the model.
 """
 
 from __future__ import annotations
@@ -21,26 +22,37 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from vqtok.model.config import VQVAEConfig
+from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
+from vqtok.model.record import (
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    CheckpointRecord,
+    CodebookUsage,
+    Metrics,
+    Provenance,
+    RecordError,
+)
 from vqtok.model.vqvae import VQVAE
 
-WEIGHTS_FILE = "model.safetensors"
+__all__ = [
+    "CONFIG_FILE", "DEFAULT_CHECKPOINT", "FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "Checkpoint", "CheckpointError",
+    "CheckpointRecord", "CodebookUsage", "Metrics", "Provenance", "compute_model_id", "load_checkpoint",
+    "pick_device", "read_checkpoint_record", "save_checkpoint", "sha256_file", "verify_checkpoint",
+]
+
 CONFIG_FILE = "config.json"
-FORMAT = "vqtok-checkpoint"
-FORMAT_VERSION = 1
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default"
 # Versions the model_id recipe: a different recipe must never produce an id equal to an old one.
 MODEL_ID_FORMAT = "vqtok-model-id/1"
-# Keys of config.json that save_checkpoint owns; metadata cannot override them.
-_RESERVED_KEYS = ("format", "format_version", "config", "weights_file", "weights_sha256", "model_id")
 
 
 class CheckpointError(ValueError):
@@ -49,34 +61,49 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model (eval mode, on its device) and everything ``config.json`` says."""
+    """A loaded checkpoint: the model (eval mode, on its device), its directory and its record."""
 
     model: VQVAE
-    config: VQVAEConfig
+    record: CheckpointRecord
     path: Path
-    weights_sha256: str
-    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def network(self) -> NetworkConfig:
+        """What defines the network (all that serving needs)."""
+        return self.record.network
+
+    @property
+    def codebook_training(self) -> CodebookTrainingConfig:
+        """How the codebook was trained (read by training only)."""
+        return self.record.codebook_training
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 of the weights file (checked against the file on load)."""
+        return self.record.weights_sha256
 
     @property
     def name(self) -> str:
-        return str(self.metadata.get("name") or self.path.name)
+        """The recorded name, else the checkpoint folder's name."""
+        return self.record.provenance.name or self.path.name
 
     @property
     def model_id(self) -> str:
-        """Hash over the weights and every config field that changes tokens (``compute_model_id``)."""
-        return compute_model_id(self.config, self.weights_sha256)
+        """Hash over the weights and the network config (``compute_model_id``)."""
+        return compute_model_id(self.network, self.weights_sha256)
 
 
-def compute_model_id(config: VQVAEConfig, weights_sha256: str) -> str:
-    """The model's identity: sha256 (hex) over the weights' sha256 and every token-changing config field.
+def compute_model_id(network: NetworkConfig, weights_sha256: str) -> str:
+    """The model's identity: sha256 (hex) over the weights' sha256 and the network config.
 
     ``weights_sha256`` alone does not say which tokens a checkpoint produces: ``pixel_mean``, for one,
-    lives in ``config.json`` and changes every token. The hashed fields are ``config.token_fields()``
-    (architecture, codebook size, normalisation: ``TOKEN_FIELDS``), as canonical JSON (sorted keys, no
-    spaces); training-only fields (``TRAINING_ONLY_FIELDS``: losses, EMA, restarts) cannot change an
-    encode or decode output and are left out, so two configs with equal ids tokenize identically.
+    lives in ``config.json`` and changes every token. Every ``NetworkConfig`` field (architecture,
+    codebook size, quantizer kind, normalisation) can change a token, and all are hashed, as canonical
+    JSON (sorted keys, no spaces); ``CodebookTrainingConfig`` (losses, EMA, restarts) cannot change an
+    encode or decode output and is left out, so two checkpoints with equal ids tokenize identically.
+    The recipe (``MODEL_ID_FORMAT``) is the one version-1 records were written with: ids are unchanged.
     """
-    payload = {"format": MODEL_ID_FORMAT, "weights_sha256": weights_sha256, "config": config.token_fields()}
+    payload = {"format": MODEL_ID_FORMAT, "weights_sha256": weights_sha256, "config": network.to_dict()}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -108,8 +135,19 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def save_checkpoint(directory: str | os.PathLike[str], model: VQVAE, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (and ``metadata``) as a checkpoint directory, atomically. Returns the path."""
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    model: VQVAE,
+    provenance: Provenance | None = None,
+    metrics: Metrics | None = None,
+    codebook_usage: CodebookUsage | None = None,
+) -> Path:
+    """Write ``model`` and its record as a checkpoint directory, atomically. Returns the path.
+
+    The record's configs come from the model, its ``weights_sha256`` and ``model_id`` are computed
+    here (no caller can set them); ``provenance``, ``metrics`` and ``codebook_usage`` say how the model
+    was made.
+    """
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Unwrap DDP / torch.compile wrappers: the checkpoint holds the plain VQVAE's tensors.
@@ -118,16 +156,17 @@ def save_checkpoint(directory: str | os.PathLike[str], model: VQVAE, metadata: d
     try:
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
         weights_sha256 = sha256_file(staging / WEIGHTS_FILE)
-        record = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "config": model.config.to_dict(),
-            "weights_file": WEIGHTS_FILE,
-            "weights_sha256": weights_sha256,
-            "model_id": compute_model_id(model.config, weights_sha256),
-            **{k: v for k, v in (metadata or {}).items() if k not in _RESERVED_KEYS},
-        }
-        _write_json(staging / CONFIG_FILE, record)
+        record = CheckpointRecord(
+            network=model.network,
+            codebook_training=model.codebook_training,
+            weights_sha256=weights_sha256,
+            weights_file=WEIGHTS_FILE,
+            model_id=compute_model_id(model.network, weights_sha256),
+            provenance=provenance or Provenance(),
+            metrics=metrics or Metrics(),
+            codebook_usage=codebook_usage,
+        )
+        _write_json(staging / CONFIG_FILE, record.to_json())
         umask = _current_umask()
         for item in staging.iterdir():  # make the files durable before the rename publishes them
             with open(item, "rb") as handle:
@@ -147,8 +186,12 @@ def save_checkpoint(directory: str | os.PathLike[str], model: VQVAE, metadata: d
     return target
 
 
-def read_checkpoint_record(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint directory, or ``CheckpointError``."""
+def read_checkpoint_record(directory: str | os.PathLike[str]) -> CheckpointRecord:
+    """The record in a checkpoint directory's ``config.json`` (any readable version), or ``CheckpointError``.
+
+    Reading checks the format and version, the configs (strict types, bounds and the parameter limit:
+    nothing is allocated), the ``weights_file`` name and the metadata's types; not the weights.
+    """
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -156,19 +199,13 @@ def read_checkpoint_record(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: missing (a checkpoint needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
-        record = json.loads(config_path.read_text(encoding="utf-8"))
+        data = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
-        raise CheckpointError(f"{config_path}: expected an object with a 'config' object")
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{config_path}: 'format' is {record.get('format')!r}, expected {FORMAT!r}")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{config_path}: format_version {record.get('format_version')!r} is not supported "
-            f"(this vqtok reads {FORMAT_VERSION})"
-        )
-    return record
+    try:
+        return CheckpointRecord.from_json(data)
+    except RecordError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -176,54 +213,32 @@ class _Verified:
     """What the checks that need no tensor data established about a checkpoint directory."""
 
     path: Path
-    record: dict[str, Any]
-    config: VQVAEConfig
+    record: CheckpointRecord
     config_path: Path
     weights_path: Path
-    weights_sha256: str
-
-
-def _weights_path(record: dict[str, Any], path: Path, config_path: Path) -> Path:
-    """``path / weights_file``, refusing anything but a plain file name (no directories, ``..``, absolute)."""
-    name = record.get("weights_file", WEIGHTS_FILE)
-    plain = (
-        isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
-        and PurePosixPath(name).name == name and PureWindowsPath(name).name == name
-    )
-    if not plain:
-        raise CheckpointError(
-            f"{config_path}: weights_file {name!r} is not a plain file name; it must name a file inside "
-            f"the checkpoint directory {path} (no directories, no '..', not an absolute path)"
-        )
-    return path / name
 
 
 def _verify_files(directory: str | os.PathLike[str]) -> _Verified:
-    """The record, the config (types and bounds, nothing allocated), the weights file name and its sha256."""
+    """The record (configs checked, nothing allocated), the weights file and its sha256."""
     path = Path(directory)
     record = read_checkpoint_record(path)
     config_path = path / CONFIG_FILE
-    try:
-        config = VQVAEConfig.from_dict(record["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{config_path}: invalid config: {exc}") from exc
-    weights_path = _weights_path(record, path, config_path)
+    weights_path = path / record.weights_file
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: missing")
     actual_sha = sha256_file(weights_path)
-    expected_sha = record.get("weights_sha256")
-    if expected_sha != actual_sha:
+    if record.weights_sha256 != actual_sha:
         raise CheckpointError(
-            f"{weights_path}: sha256 {actual_sha} does not match {expected_sha} recorded in {config_path}; "
+            f"{weights_path}: sha256 {actual_sha} does not match {record.weights_sha256} recorded in {config_path}; "
             "the weights file is corrupt or belongs to another checkpoint"
         )
-    return _Verified(path, record, config, config_path, weights_path, actual_sha)
+    return _Verified(path, record, config_path, weights_path)
 
 
-def _expected_tensors(config: VQVAEConfig) -> dict[str, torch.Tensor]:
-    """The state dict ``VQVAE(config)`` has, as shape-and-dtype-only tensors on the meta device (no memory)."""
+def _expected_tensors(record: CheckpointRecord) -> dict[str, torch.Tensor]:
+    """The state dict the record's VQVAE has, as shape-and-dtype-only tensors on the meta device (no memory)."""
     with torch.device("meta"):
-        return VQVAE(config).state_dict()
+        return VQVAE(record.network, record.codebook_training).state_dict()
 
 
 def _is_float_dtype(safetensors_dtype: str) -> bool:
@@ -258,10 +273,10 @@ def _check_header(handle: Any, verified: _Verified, expected: dict[str, torch.Te
 
 def _check_model_id(verified: _Verified) -> None:
     """A recorded ``model_id`` must equal the one recomputed from the config and the weights."""
-    recorded = verified.record.get("model_id")
+    recorded = verified.record.model_id
     if recorded is None:  # written before model_id existed: nothing to compare, it is computed on load
         return
-    computed = compute_model_id(verified.config, verified.weights_sha256)
+    computed = compute_model_id(verified.record.network, verified.record.weights_sha256)
     if recorded != computed:
         raise CheckpointError(
             f"{verified.config_path}: changed after the checkpoint was written: its model_id {recorded!r} no "
@@ -285,7 +300,7 @@ def _read_tensors(verified: _Verified, keep: bool) -> dict[str, torch.Tensor]:
     Names and shapes are checked from the header, before any tensor data is read; tensors are read one
     at a time. Returns them when ``keep``, else an empty dict (only checking).
     """
-    expected = _expected_tensors(verified.config)
+    expected = _expected_tensors(verified.record)
     state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(verified.weights_path), framework="pt", device="cpu") as handle:
@@ -330,9 +345,7 @@ def load_checkpoint(
     """
     verified = _verify_files(directory)
     state = _read_tensors(verified, keep=True)
-    model = VQVAE(verified.config)
+    model = VQVAE(verified.record.network, verified.record.codebook_training)
     model.load_state_dict(state, strict=True)
     model.to(device).eval()
-    metadata = {k: v for k, v in verified.record.items() if k != "config"}
-    return Checkpoint(model=model, config=verified.config, path=verified.path,
-                      weights_sha256=verified.weights_sha256, metadata=metadata)
+    return Checkpoint(model=model, record=verified.record, path=verified.path)

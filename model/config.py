@@ -1,7 +1,18 @@
-"""Model configuration: every hyperparameter of the VQ-VAE, saved inside every checkpoint.
+"""Model configuration in two parts, both saved inside every checkpoint.
+
+- ``NetworkConfig``: what defines the network, so what serving needs: the architecture, the codebook
+  size and dimension, the quantizer kind, the downsampling factor and the pixel normalisation. Every
+  field can change a token or a decoded pixel, so the checkpoint's ``model_id`` hashes all of them
+  (plus the weights).
+- ``CodebookTrainingConfig``: what only training reads: the commitment loss weight, the EMA decay and
+  smoothing, dead-code restarts and k-means initialisation. The inference path (``VQVAE.encode`` /
+  ``decode``: nearest-code search and lookup) never reads them, so they cannot change a token or a
+  pixel and stay out of ``model_id``; a served model may leave them at their defaults.
 
 The defaults are the seed's table (zalandoresearch/pytorch-vq-vae, after Sonnet's ``vqvae.py``),
-plus the downsampling factor, the pixel normalisation and the codebook-health features.
+plus the downsampling factor, the pixel normalisation and the codebook-health features. Both parts
+take values as JSON gives them and refuse, naming the field, a value of the wrong type (``TypeError``)
+or out of range (``ValueError``), before anything is allocated.
 """
 
 from __future__ import annotations
@@ -11,30 +22,16 @@ import functools
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 
 QuantizerKind = Literal["ema", "plain"]
 
-# Fields that decide what ``encode`` and ``decode`` compute: the architecture, the codebook size and
-# the pixel normalisation. The checkpoint's ``model_id`` hashes exactly these (plus the weights).
-TOKEN_FIELDS: tuple[str, ...] = (
-    "in_channels", "num_hiddens", "num_residual_hiddens", "num_residual_layers", "embedding_dim",
-    "num_embeddings", "quantizer", "downsample", "pixel_mean", "pixel_std",
-)
-# Fields read only by training (losses, EMA updates, dead-code restarts, k-means init): the inference
-# path (``VQVAE.encode`` / ``decode``: nearest-code search and lookup) never reads them, so they cannot
-# change a token or a pixel and stay out of ``model_id``. ``quantizer`` stays in TOKEN_FIELDS: it picks
-# the module that runs the search, even though both kinds search the same way today.
-TRAINING_ONLY_FIELDS: tuple[str, ...] = (
-    "commitment_cost", "decay", "epsilon", "dead_code_window", "dead_code_threshold", "kmeans_init", "kmeans_iters",
-)
-
 # Upper bounds, checked before any tensor is allocated, so a mistyped or hostile config.json is a clear
 # error instead of an out-of-memory crash. Per field: far above any VQ-VAE tokenizer (the bundled one has
 # 128 hidden channels, K=512, D=64); in total: at most MAX_PARAMETERS numbers in the model's tensors
-# (parameters and buffers; 8 GB of float32), see ``VQVAEConfig.parameter_count``.
+# (parameters and buffers; 8 GB of float32), see ``NetworkConfig.parameter_count``.
 FIELD_MAXIMA: dict[str, int] = {
     "in_channels": 16,
     "num_hiddens": 4096,
@@ -48,9 +45,62 @@ FIELD_MAXIMA: dict[str, int] = {
 MAX_PARAMETERS = 2_000_000_000
 
 
+class _StrictFields:
+    """Shared by both configs: strict JSON types, list -> tuple and int -> float coercion, the per-field
+    maxima, finiteness, ``to_dict`` / ``from_dict``. Subclasses (frozen dataclasses) add ``validate``."""
+
+    def __post_init__(self) -> None:
+        kinds = _field_kinds(type(self))
+        for name, kind in kinds.items():
+            _check_type(name, kind, getattr(self, name))
+        # JSON has no tuples: accept lists and store tuples so configs compare equal after a round trip;
+        # floats given as integers (JSON ``1``) are stored as floats.
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if kind == "floats":
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+            elif kind == "float":
+                object.__setattr__(self, name, float(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field out of range; nothing is allocated."""
+        raise NotImplementedError
+
+    def _check_common(self) -> None:
+        """The per-field maxima (``FIELD_MAXIMA``) and finiteness (JSON has NaN and Infinity; no field takes them)."""
+        kinds = _field_kinds(type(self))
+        for name in kinds:
+            if name in FIELD_MAXIMA and getattr(self, name) > FIELD_MAXIMA[name]:
+                raise ValueError(f"{name} must be <= {FIELD_MAXIMA[name]}, got {getattr(self, name)}")
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            values = value if kind == "floats" else (value,) if kind == "float" else ()
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{name} must be finite, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-friendly (tuples as lists)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build a config from ``to_dict`` output; an unknown key is a ``ValueError`` naming it.
+
+        A value of the wrong type is a ``TypeError`` and one out of range (``FIELD_MAXIMA``,
+        ``MAX_PARAMETERS`` included) a ``ValueError``, both naming the field, raised before any
+        tensor is allocated. Absent keys take their defaults (older checkpoints lack newer fields).
+        """
+        unknown = sorted(set(data) - set(_field_kinds(cls)))
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class VQVAEConfig:
-    """Hyperparameters of one VQ-VAE.
+class NetworkConfig(_StrictFields):
+    """What defines one VQ-VAE network: everything ``encode`` and ``decode`` compute with.
 
     Attributes:
       in_channels: image channels (3, RGB).
@@ -59,18 +109,10 @@ class VQVAEConfig:
       num_residual_layers: residual blocks in each residual stack.
       embedding_dim: D, the size of one codebook vector (channels after the 1x1 pre-VQ conv).
       num_embeddings: K, the number of codebook vectors (the token vocabulary).
-      commitment_cost: beta, weight of the encoder's commitment loss.
-      quantizer: "ema" (codebook learned by exponential moving averages) or "plain"
-        (codebook learned by gradient through the codebook loss).
-      decay: EMA decay of the cluster sizes and sums ("ema" only).
-      epsilon: Laplace smoothing of the EMA cluster sizes ("ema" only).
+      quantizer: "ema" (codebook learned by exponential moving averages) or "plain" (codebook learned
+        by gradient through the codebook loss). It picks the module that runs the search (and its
+        buffers), even though both kinds search the same way today, so it belongs to the network.
       downsample: f, the ratio image side / token-grid side: 4, 8 or 16.
-      dead_code_window: a code unused for this many training steps is re-seeded from the current
-        batch's encoder outputs; 0 disables restarts.
-      dead_code_threshold: "ema" only: a code whose EMA cluster size (vectors per step) falls below
-        this is re-seeded too, so rarely used codes move to where the data is (0 disables).
-      kmeans_init: initialise the codebook by k-means on the first training batch.
-      kmeans_iters: Lloyd iterations of that k-means.
       pixel_mean, pixel_std: per-channel normalisation applied to images in [0, 1]:
         ``x = (pixels - mean) / std``. The seed's (0.5, 1.0) maps pixels to [-0.5, 0.5].
     """
@@ -81,85 +123,26 @@ class VQVAEConfig:
     num_residual_layers: int = 2
     embedding_dim: int = 64
     num_embeddings: int = 512
-    commitment_cost: float = 0.25
     quantizer: QuantizerKind = "ema"
-    decay: float = 0.99
-    epsilon: float = 1e-5
     downsample: int = 4
-    dead_code_window: int = 100
-    dead_code_threshold: float = 0.0
-    kmeans_init: bool = False
-    kmeans_iters: int = 10
     pixel_mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
     pixel_std: tuple[float, ...] = field(default=(1.0, 1.0, 1.0))
-
-    def __post_init__(self) -> None:
-        self._check_types()
-        # JSON has no tuples: accept lists and store tuples so configs compare equal after a round trip;
-        # floats given as integers (JSON ``1``) are stored as floats.
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), _field_kinds()[f.name]
-            if kind == "floats":
-                object.__setattr__(self, f.name, tuple(float(v) for v in value))
-            elif kind == "float":
-                object.__setattr__(self, f.name, float(value))
-        self.validate()
-
-    def _check_types(self) -> None:
-        """Raise ``TypeError`` naming the first field whose value has the wrong type.
-
-        Strict, as JSON gives it: ``True`` is not an integer and ``"128"`` is not a number.
-        """
-        for name, kind in _field_kinds().items():
-            value = getattr(self, name)
-            if kind == "int" and not _is_int(value):
-                raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-            if kind == "float" and not _is_number(value):
-                raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-            if kind == "bool" and not isinstance(value, bool):
-                raise TypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
-            if kind == "str" and not isinstance(value, str):
-                raise TypeError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
-            if kind == "floats" and not (isinstance(value, list | tuple) and all(_is_number(v) for v in value)):
-                raise TypeError(f"{name} must be a list of numbers, got {value!r}")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of range (see ``FIELD_MAXIMA``).
 
         Every bound is checked arithmetically, before a model is built: nothing is allocated.
         """
-        positive = ("in_channels", "num_hiddens", "num_residual_hiddens", "embedding_dim", "num_embeddings")
-        for name in positive:
+        for name in ("in_channels", "num_hiddens", "num_residual_hiddens", "embedding_dim", "num_embeddings"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name, maximum in FIELD_MAXIMA.items():
-            if getattr(self, name) > maximum:
-                raise ValueError(f"{name} must be <= {maximum}, got {getattr(self, name)}")
-        for name, kind in _field_kinds().items():  # JSON has NaN and Infinity; no field takes them
-            value = getattr(self, name)
-            values = value if kind == "floats" else (value,) if kind == "float" else ()
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError(f"{name} must be finite, got {value}")
+        self._check_common()
         if self.num_residual_layers < 0:
             raise ValueError(f"num_residual_layers must be >= 0, got {self.num_residual_layers}")
         if self.downsample not in (4, 8, 16):
             raise ValueError(f"downsample must be 4, 8 or 16, got {self.downsample}")
         if self.quantizer not in ("ema", "plain"):
             raise ValueError(f"quantizer must be 'ema' or 'plain', got {self.quantizer!r}")
-        if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
-        if self.commitment_cost < 0:
-            raise ValueError(f"commitment_cost must be >= 0, got {self.commitment_cost}")
-        if self.dead_code_window < 0:
-            raise ValueError(f"dead_code_window must be >= 0, got {self.dead_code_window}")
-        if self.dead_code_threshold < 0:
-            raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}")
-        if self.dead_code_threshold > 0 and self.quantizer != "ema":
-            raise ValueError("dead_code_threshold needs the 'ema' quantizer (it reads the EMA cluster sizes)")
-        if self.kmeans_iters < 1:
-            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
         for name in ("pixel_mean", "pixel_std"):
             if len(getattr(self, name)) != self.in_channels:
                 raise ValueError(f"{name} needs {self.in_channels} values, got {len(getattr(self, name))}")
@@ -175,7 +158,8 @@ class VQVAEConfig:
         """Numbers in the model's tensors (parameters and buffers), computed from the config alone.
 
         Mirrors ``model.blocks`` and ``model.quantizer`` exactly (a test checks it against
-        ``VQVAE(config).state_dict()``), so the size is known before anything is allocated.
+        ``VQVAE(network).state_dict()``), so the size is known before anything is allocated. Only the
+        network decides it: no training-only field adds or resizes a tensor.
         """
         c, h, r = self.in_channels, self.num_hiddens, self.num_residual_hiddens
         d, k = self.embedding_dim, self.num_embeddings
@@ -193,33 +177,10 @@ class VQVAEConfig:
                    + (h * half * 16 + half) + (half * c * 16 + c))
         return encoder + pre_vq + quantizer + decoder
 
-    def token_fields(self) -> dict[str, Any]:
-        """The fields that change tokens or decoded pixels (``TOKEN_FIELDS``), JSON-friendly."""
-        everything = self.to_dict()
-        return {name: everything[name] for name in TOKEN_FIELDS}
-
     @property
     def num_downsamples(self) -> int:
         """Stride-2 stages in the encoder (and transposed ones in the decoder): log2(downsample)."""
         return int(math.log2(self.downsample))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VQVAEConfig:
-        """Build a config from ``to_dict`` output; an unknown key is a ``ValueError`` naming it.
-
-        A value of the wrong type is a ``TypeError`` and one out of range (``FIELD_MAXIMA``,
-        ``MAX_PARAMETERS`` included) a ``ValueError``, both naming the field, raised before any
-        tensor is allocated. Absent keys take their defaults (older checkpoints lack newer fields).
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
-        return cls(**data)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (B, C, H, W) -> model inputs ``(pixels - mean) / std``, same shape."""
@@ -234,6 +195,52 @@ class VQVAEConfig:
         return (x * std + mean).clamp(0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class CodebookTrainingConfig(_StrictFields):
+    """How the codebook learns: read by the losses, the EMA update and codebook health, never by inference.
+
+    Attributes:
+      commitment_cost: beta, weight of the encoder's commitment loss.
+      decay: EMA decay of the cluster sizes and sums ("ema" quantizer only).
+      epsilon: Laplace smoothing of the EMA cluster sizes ("ema" only).
+      dead_code_window: a code unused for this many training steps is re-seeded from the current
+        batch's encoder outputs; 0 disables restarts.
+      dead_code_threshold: "ema" only: a code whose EMA cluster size (vectors per step) falls below
+        this is re-seeded too, so rarely used codes move to where the data is (0 disables).
+      kmeans_init: initialise the codebook by k-means on the first training batch.
+      kmeans_iters: Lloyd iterations of that k-means.
+    """
+
+    commitment_cost: float = 0.25
+    decay: float = 0.99
+    epsilon: float = 1e-5
+    dead_code_window: int = 100
+    dead_code_threshold: float = 0.0
+    kmeans_init: bool = False
+    kmeans_iters: int = 10
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that is out of range."""
+        self._check_common()
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {self.decay}")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if self.commitment_cost < 0:
+            raise ValueError(f"commitment_cost must be >= 0, got {self.commitment_cost}")
+        if self.dead_code_window < 0:
+            raise ValueError(f"dead_code_window must be >= 0, got {self.dead_code_window}")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}")
+        if self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+
+    def check_network(self, network: NetworkConfig) -> None:
+        """Raise ``ValueError`` if a setting needs a quantizer kind ``network`` does not have."""
+        if self.dead_code_threshold > 0 and network.quantizer != "ema":
+            raise ValueError("dead_code_threshold needs the 'ema' quantizer (it reads the EMA cluster sizes)")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -242,15 +249,34 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _check_type(name: str, kind: str, value: object) -> None:
+    """Raise ``TypeError`` naming the field if ``value`` has the wrong type.
+
+    Strict, as JSON gives it: ``True`` is not an integer and ``"128"`` is not a number.
+    """
+    if kind == "int" and not _is_int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if kind == "float" and not _is_number(value):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if kind == "bool" and not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r} ({type(value).__name__})")
+    if kind == "str" and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+    if kind == "floats" and not (isinstance(value, list | tuple) and all(_is_number(v) for v in value)):
+        raise TypeError(f"{name} must be a list of numbers, got {value!r}")
+
+
 @functools.cache
-def _field_kinds() -> dict[str, str]:
-    """Field name -> "int", "float", "bool", "str" (a Literal) or "floats" (a tuple of floats)."""
+def _field_kinds(cls: type) -> dict[str, str]:
+    """Field name -> "int", "float", "bool", "str" (a Literal) or "floats" (a tuple of floats), in field order."""
     kinds: dict[str, str] = {}
-    for name, annotation in typing.get_type_hints(VQVAEConfig).items():
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
         if typing.get_origin(annotation) is Literal:
-            kinds[name] = "str"
+            kinds[f.name] = "str"
         elif typing.get_origin(annotation) is tuple:
-            kinds[name] = "floats"
+            kinds[f.name] = "floats"
         else:
-            kinds[name] = {int: "int", float: "float", bool: "bool", str: "str"}[annotation]
+            kinds[f.name] = {int: "int", float: "float", bool: "bool", str: "str"}[annotation]
     return kinds

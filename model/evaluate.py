@@ -42,9 +42,9 @@ def reconstruct(model: VQVAE, pixels: torch.Tensor) -> tuple[torch.Tensor, torch
     cropped back, so every size works.
     """
     height, width = pixels.shape[-2:]
-    padded = pad_to_multiple(pixels, model.config.downsample)
-    indices = model.encode(model.config.normalize(padded))
-    decoded = model.config.denormalize(model.decode(indices).float())
+    padded = pad_to_multiple(pixels, model.network.downsample)
+    indices = model.encode(model.network.normalize(padded))
+    decoded = model.network.denormalize(model.decode(indices).float())
     return decoded[..., :height, :width], indices
 
 
@@ -96,7 +96,7 @@ def evaluate_images(model: VQVAE, images: Iterable[torch.Tensor], batch_size: in
 
     Returns (metrics dict, per-code usage counts (K,)).
     """
-    accumulator = MetricAccumulator(model.config.num_embeddings)
+    accumulator = MetricAccumulator(model.network.num_embeddings)
     for batch in _batches_of_equal_shape(images, batch_size):
         batch = batch.to(model.device)
         reconstruction, indices = reconstruct(model, batch)

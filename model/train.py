@@ -38,8 +38,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from vqtok.model import data as datasets
-from vqtok.model.checkpoint import load_checkpoint, pick_device, read_checkpoint_record, save_checkpoint
-from vqtok.model.config import VQVAEConfig
+from vqtok.model.checkpoint import (
+    CodebookUsage,
+    Metrics,
+    Provenance,
+    load_checkpoint,
+    pick_device,
+    read_checkpoint_record,
+    save_checkpoint,
+)
+from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
 from vqtok.model.evaluate import evaluate_images, reconstruct
 from vqtok.model.options import add_dataclass_arguments, dataclass_from_args
 from vqtok.model.quantizer import Reducer
@@ -48,7 +56,7 @@ from vqtok.model.vqvae import VQVAE
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train (the model's own hyperparameters live in ``VQVAEConfig``).
+    """How to train (the model's own hyperparameters live in ``NetworkConfig`` and ``CodebookTrainingConfig``).
 
     Attributes:
       data: 'photos', 'cifar10:DIR' or an image folder (see ``model.data.build_dataset``).
@@ -88,7 +96,7 @@ class TrainConfig:
     heldout_crops: int = 256
     name: str = "vqtok"
 
-    def validate(self, model_config: VQVAEConfig) -> None:
+    def validate(self, network: NetworkConfig) -> None:
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0 (0: every 1% of the run), got {self.log_every}")
         for name in ("steps", "batch_size", "heldout_crops"):
@@ -96,9 +104,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.image_size % model_config.downsample:
+        if self.image_size % network.downsample:
             raise ValueError(
-                f"--image-size {self.image_size} must be a multiple of --downsample {model_config.downsample}"
+                f"--image-size {self.image_size} must be a multiple of --downsample {network.downsample}"
             )
 
 
@@ -268,21 +276,24 @@ class Trainer:
     uninterrupted run (bit-identical on the CPU in one process).
     """
 
-    def __init__(self, config: TrainConfig, model_config: VQVAEConfig) -> None:
-        config.validate(model_config)
+    def __init__(self, config: TrainConfig, network: NetworkConfig,
+                 codebook_training: CodebookTrainingConfig | None = None) -> None:
+        codebook_training = codebook_training or CodebookTrainingConfig()
+        config.validate(network)
+        codebook_training.check_network(network)
         self.config = config
         self.place, self.device = setup_distributed(config.device)
         self.out = Path(config.out)
         self.checkpoint_dir, self.state_path = self.out / "checkpoint", self.out / "trainer_state.pt"
         torch.manual_seed(config.seed)  # same initial weights on every rank
-        if config.resume:  # the checkpoint's config is the run's config: check the schedule against it
+        if config.resume:  # the checkpoint's configs are the run's configs: check the schedule against them
             loaded = load_checkpoint(self.checkpoint_dir, self.device)
-            model_config = loaded.config
-            config.validate(model_config)
+            network, codebook_training = loaded.network, loaded.codebook_training
+            config.validate(network)
             self.model = loaded.model.train()
         else:
-            self.model = VQVAE(model_config).to(self.device)
-        self.model_config = model_config
+            self.model = VQVAE(network, codebook_training).to(self.device)
+        self.network, self.codebook_training = network, codebook_training
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(config, step))
         self.step, self.epoch, self.batches_into_epoch = 0, 0, 0
@@ -305,7 +316,7 @@ class Trainer:
         self.data_description = datasets.describe(config.data, "train")
         data_variance = datasets.data_variance(self.train_set)
         # Reconstruction MSE is in normalised units; NMSE divides by the data variance in those units.
-        self.normalised_variance = data_variance / (sum(model_config.pixel_std) / len(model_config.pixel_std)) ** 2
+        self.normalised_variance = data_variance / (sum(network.pixel_std) / len(network.pixel_std)) ** 2
         self.autocast = self.device.type == "cuda"  # bf16 convolutions on GPU; the quantizer stays float32
         self.log_every = config.log_every or max(1, config.steps // 100)
         self.history: list[dict[str, Any]] = []
@@ -366,7 +377,7 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
     def train_step(self, batch: torch.Tensor) -> dict[str, Any]:
         """One optimiser step on a (B, C, S, S) batch in [0, 1]; the step's figures."""
-        x = self.model_config.normalize(batch.to(self.device, non_blocking=True))
+        x = self.network.normalize(batch.to(self.device, non_blocking=True))
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             output = self.trainable(x)
         recon_mse = F.mse_loss(output.reconstruction.float(), x)
@@ -466,21 +477,23 @@ class Trainer:
         model, config = self.model, self.config
         device_name = (torch.cuda.get_device_name() if model.device.type == "cuda"
                        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-        metadata = {
-            "name": config.name,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "steps": self.step,
-            "wall_time_s": round(time.perf_counter() - self.started, 1),
-            "resumed_from_step": self.start_step or None,
-            "training": dataclasses.asdict(config),
-            "data": self.data_description,
-            "hardware": {"device": device_name, "processes": self.place.world_size, "torch": torch.__version__},
-            "metrics": {"heldout_crops": heldout_metrics} if heldout_metrics else {},
-            "codebook_usage": counts.long().tolist() if counts is not None else None,
-        }
-        save_checkpoint(self.checkpoint_dir, model, metadata)
+        provenance = Provenance(
+            name=config.name,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            steps=self.step,
+            wall_time_s=round(time.perf_counter() - self.started, 1),
+            resumed_from_step=self.start_step or None,
+            training=dataclasses.asdict(config),
+            data=self.data_description,
+            hardware={"device": device_name, "processes": self.place.world_size, "torch": torch.__version__},
+        )
+        save_checkpoint(
+            self.checkpoint_dir, model, provenance,
+            Metrics(heldout_crops=heldout_metrics or None),
+            CodebookUsage.from_counts(counts.long().tolist()) if counts is not None else None,
+        )
         save_trainer_state(self.state_path, self.trainer_state())
-        return str(read_checkpoint_record(self.checkpoint_dir)["model_id"])
+        return str(read_checkpoint_record(self.checkpoint_dir).model_id)
 
     def _write_figures(self) -> None:
         count = min(8, len(self.heldout_set))
@@ -492,9 +505,10 @@ class Trainer:
             save_training_plot(self.out / "training.png", self.history)
 
 
-def train(config: TrainConfig, model_config: VQVAEConfig) -> dict[str, Any]:
+def train(config: TrainConfig, network: NetworkConfig,
+          codebook_training: CodebookTrainingConfig | None = None) -> dict[str, Any]:
     """Run training; returns the final held-out metrics (on rank 0; {} elsewhere)."""
-    return Trainer(config, model_config).run()
+    return Trainer(config, network, codebook_training).run()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -502,17 +516,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vqtok train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dataclass_arguments(parser, TrainConfig, "VQTOK_TRAIN_", title="training (env VQTOK_TRAIN_*)")
-    add_dataclass_arguments(parser, VQVAEConfig, "VQTOK_MODEL_", skip=("in_channels",),
-                            title="model (env VQTOK_MODEL_*)")
+    # Both model parts share the VQTOK_MODEL_ prefix (the flags predate the split; no field name repeats).
+    add_dataclass_arguments(parser, NetworkConfig, "VQTOK_MODEL_", skip=("in_channels",),
+                            title="model: network (env VQTOK_MODEL_*)")
+    add_dataclass_arguments(parser, CodebookTrainingConfig, "VQTOK_MODEL_",
+                            title="model: codebook training (env VQTOK_MODEL_*)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model_config = dataclass_from_args(VQVAEConfig, args)
+        network = dataclass_from_args(NetworkConfig, args)
+        codebook_training = dataclass_from_args(CodebookTrainingConfig, args)
         config = dataclass_from_args(TrainConfig, args)
-        final = train(config, model_config)
+        final = train(config, network, codebook_training)
     except (ValueError, FileNotFoundError) as exc:
         print(f"vqtok train: {exc}", file=sys.stderr)
         return 2

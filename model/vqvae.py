@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vqtok.model.blocks import Decoder, Encoder
-from vqtok.model.config import VQVAEConfig
+from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
 from vqtok.model.quantizer import VectorQuantizer, VectorQuantizerEMA
 
 
@@ -33,36 +33,45 @@ class VQVAEOutput:
     counts: torch.Tensor
 
 
-def build_quantizer(config: VQVAEConfig) -> VectorQuantizer | VectorQuantizerEMA:
-    """The quantizer ``config.quantizer`` names, with the config's codebook-health settings."""
+def build_quantizer(network: NetworkConfig, training: CodebookTrainingConfig) -> VectorQuantizer | VectorQuantizerEMA:
+    """The quantizer ``network.quantizer`` names, (K, D) as the network says, learning as ``training`` says."""
     health = {
-        "dead_code_window": config.dead_code_window,
-        "kmeans_init": config.kmeans_init,
-        "kmeans_iters": config.kmeans_iters,
+        "dead_code_window": training.dead_code_window,
+        "kmeans_init": training.kmeans_init,
+        "kmeans_iters": training.kmeans_iters,
     }
-    if config.quantizer == "ema":
+    if network.quantizer == "ema":
         return VectorQuantizerEMA(
-            config.num_embeddings, config.embedding_dim, config.commitment_cost,
-            decay=config.decay, epsilon=config.epsilon, dead_code_threshold=config.dead_code_threshold, **health,
+            network.num_embeddings, network.embedding_dim, training.commitment_cost,
+            decay=training.decay, epsilon=training.epsilon, dead_code_threshold=training.dead_code_threshold,
+            **health,
         )
-    return VectorQuantizer(config.num_embeddings, config.embedding_dim, config.commitment_cost, **health)
+    return VectorQuantizer(network.num_embeddings, network.embedding_dim, training.commitment_cost, **health)
 
 
 class VQVAE(nn.Module):
     """Images (B, C, H, W) <-> token grids (B, H/f, W/f) of indices into a (K, D) codebook.
 
-    H and W must be multiples of ``config.downsample`` (f); callers pad or crop first.
+    H and W must be multiples of ``network.downsample`` (f); callers pad or crop first.
+
+    Args:
+      network: what the network is (architecture, K, D, f, normalisation); the defaults when None.
+      codebook_training: how the codebook learns (losses, EMA, restarts, k-means). Only training reads
+        it; serving may leave it None (the defaults), which changes no token.
     """
 
-    def __init__(self, config: VQVAEConfig | None = None) -> None:
+    def __init__(self, network: NetworkConfig | None = None,
+                 codebook_training: CodebookTrainingConfig | None = None) -> None:
         super().__init__()
-        self.config = config or VQVAEConfig()
-        c = self.config
+        self.network = network or NetworkConfig()
+        self.codebook_training = codebook_training or CodebookTrainingConfig()
+        self.codebook_training.check_network(self.network)
+        c = self.network
         self.encoder = Encoder(
             c.in_channels, c.num_hiddens, c.num_residual_hiddens, c.num_residual_layers, c.num_downsamples
         )
         self.pre_vq_conv = nn.Conv2d(c.num_hiddens, c.embedding_dim, kernel_size=1)
-        self.quantizer = build_quantizer(c)
+        self.quantizer = build_quantizer(c, self.codebook_training)
         self.decoder = Decoder(
             c.embedding_dim, c.in_channels, c.num_hiddens, c.num_residual_hiddens,
             c.num_residual_layers, c.num_downsamples,
@@ -79,9 +88,9 @@ class VQVAE(nn.Module):
 
     def check_images(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is (B, C, H, W) float with H, W multiples of f."""
-        f = self.config.downsample
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images of shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
+        f = self.network.downsample
+        if x.dim() != 4 or x.shape[1] != self.network.in_channels:
+            raise ValueError(f"expected images of shape (B, {self.network.in_channels}, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected floating-point images, got {x.dtype}")
         if x.shape[2] % f or x.shape[3] % f or x.shape[2] == 0 or x.shape[3] == 0:
@@ -98,7 +107,7 @@ class VQVAE(nn.Module):
             raise ValueError(f"expected integer indices, got {indices.dtype}")
         if indices.numel() == 0:
             raise ValueError("expected a non-empty grid of indices")
-        k = self.config.num_embeddings
+        k = self.network.num_embeddings
         bad = (indices < 0) | (indices >= k)
         if bool(bad.any()):
             b, i, j = (int(v) for v in bad.nonzero()[0])

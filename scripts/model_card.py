@@ -22,20 +22,20 @@ from vqtok.model.evaluate import evaluate_spec
 
 def describe(path: str) -> dict[str, object]:
     checkpoint = load_checkpoint(path, "cpu")
-    record = checkpoint.metadata
-    training = record.get("training") or {}
-    config = checkpoint.config
+    provenance = checkpoint.record.provenance
+    training = provenance.training or {}
+    network, codebook = checkpoint.network, checkpoint.codebook_training
     full, _ = evaluate_spec(checkpoint.model, "photos", "heldout")
     crops, _ = evaluate_spec(checkpoint.model, "photos", "heldout", crop=64)
-    restarts = f"restarts every {config.dead_code_window} steps" if config.dead_code_window else "no restarts"
+    restarts = f"restarts every {codebook.dead_code_window} steps" if codebook.dead_code_window else "no restarts"
     return {
         "checkpoint": path,
-        "recipe": f"{config.quantizer} quantizer, {restarts}" + (", k-means init" if config.kmeans_init else ""),
-        "model": f"f={config.downsample}, K={config.num_embeddings}, D={config.embedding_dim}",
-        "training": f"{record.get('steps')} steps x batch {training.get('batch_size')} of "
+        "recipe": f"{network.quantizer} quantizer, {restarts}" + (", k-means init" if codebook.kmeans_init else ""),
+        "model": f"f={network.downsample}, K={network.num_embeddings}, D={network.embedding_dim}",
+        "training": f"{provenance.steps} steps x batch {training.get('batch_size')} of "
                     f"{training.get('image_size')}px crops, lr {training.get('lr')} {training.get('lr_schedule')}",
-        "wall time": f"{float(record.get('wall_time_s') or 0) / 60:.1f} min on "
-                     f"{(record.get('hardware') or {}).get('device')}",
+        "wall time": f"{(provenance.wall_time_s or 0.0) / 60:.1f} min on "
+                     f"{(provenance.hardware or {}).get('device')}",
         "full MSE": f"{full['mse']:.5f}",
         "full PSNR (dB)": f"{full['psnr']:.2f}",
         "full codes used": f"{full['codes_used']} / {full['num_embeddings']}",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import torch
 
 from vqtok.model.checkpoint import Checkpoint, load_checkpoint, pick_device
-from vqtok.model.quantizer import perplexity_of
 from vqtok.service.schemas import ModelIdentity
 
 logger = logging.getLogger("vqtok.service.engine")
@@ -30,7 +28,7 @@ class Engine:
         self.checkpoint = checkpoint
         self.device = device
         self.model = checkpoint.model
-        self.config = checkpoint.config
+        self.config = checkpoint.network  # what serving needs; the codebook-training config is not read here
         self.autocast_dtype: torch.dtype | None = torch.bfloat16 if device.type == "cuda" else None
         if device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
@@ -95,22 +93,25 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def codebook_usage(self) -> tuple[list[int] | None, float | None, int | None]:
-        """(usage counts, perplexity, codes used) recorded in the checkpoint, each None if absent."""
-        metadata = self.checkpoint.metadata
-        usage = metadata.get("codebook_usage")
-        counts: list[int] | None = None
-        if isinstance(usage, list) and len(usage) == self.config.num_embeddings:
-            with contextlib.suppress(TypeError, ValueError):
-                counts = [int(c) for c in usage]
-        perplexity: float | None = None
-        metrics = metadata.get("metrics")
-        recorded = metadata.get("perplexity", metrics.get("perplexity") if isinstance(metrics, dict) else None)
-        if isinstance(recorded, int | float) and math.isfinite(recorded):
-            perplexity = float(recorded)
-        elif counts is not None and sum(counts) > 0:
-            perplexity = float(perplexity_of(torch.tensor(counts, dtype=torch.float64)))
-        codes_used = sum(1 for c in counts if c > 0) if counts is not None else None
-        return counts, perplexity, codes_used
+        """(usage counts, perplexity, codes used) recorded in the checkpoint, each None if absent.
+
+        All three describe one distribution, the codes the trainer's final held-out evaluation chose.
+        With usage counts (``record.codebook_usage``; K of them, checked on load), perplexity and codes
+        used come from the counts (exp(entropy) of ``counts / sum``, and the non-zero ones). Without
+        counts, they are the figures the record's usage section holds, else those of the held-out
+        evaluation itself (``record.metrics.heldout_crops``: ``perplexity``, ``codes_used``).
+        """
+        record = self.checkpoint.record
+        usage = record.codebook_usage
+        if usage is not None and usage.counts is not None:
+            return list(usage.counts), usage.perplexity, usage.codes_used
+        perplexity = usage.perplexity if usage is not None else None
+        codes_used = usage.codes_used if usage is not None else None
+        if perplexity is None:
+            perplexity = record.metrics.heldout_perplexity
+        if codes_used is None:
+            codes_used = record.metrics.heldout_codes_used
+        return None, perplexity, codes_used
 
     def codebook_vectors(self) -> torch.Tensor:
         """(K, D) float32 codebook on the CPU."""
@@ -119,7 +120,12 @@ class Engine:
 
     def checkpoint_info(self) -> dict[str, Any]:
         """The checkpoint folder's name (never an absolute path: /info must not map the server's
-        filesystem) and the JSON-friendly training metadata, without the bulky usage counts."""
-        skip = {"codebook_usage", "weights_sha256", "weights_file", "model_id"}  # identity is in ``model``
-        extra = {k: v for k, v in self.checkpoint.metadata.items() if k not in skip}
-        return {"path": self.checkpoint.path.name, **extra}
+        filesystem) and the record's sections, JSON-friendly: ``format``, ``format_version`` (the
+        layout the file was read from), ``codebook_training``, ``provenance`` and ``metrics``. The
+        identity (``model_id``, the weights) is in /info's ``model``, the network config in its
+        ``config``, and the bulky usage counts at /codebook."""
+        record = self.checkpoint.record
+        info = record.to_json()
+        for key in ("network", "codebook_usage", "weights_sha256", "weights_file", "model_id"):
+            del info[key]
+        return {"path": self.checkpoint.path.name, **info, "format_version": record.format_version}

@@ -165,8 +165,9 @@ def format_location(loc: Sequence[Any]) -> str:
 
 
 def _is_union_tag(part: Any) -> bool:
-    """pydantic names the union branch it tried inside ``loc`` (``"list[list[constrained-int]]"``)."""
-    return isinstance(part, str) and ("[" in part or part.startswith("constrained-"))
+    """pydantic names the union branch it tried inside ``loc`` (``"list[list[constrained-int]]"``, or a
+    model's class name such as ``"ImageSize"``; our field names are all snake_case)."""
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-") or part[:1].isupper())
 
 
 def _without_union_noise(errors: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

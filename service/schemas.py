@@ -8,19 +8,36 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 
 from vqtok.service.imaging import FitMode, OutputFormat
 
+
 # An LLM vocabulary id (offset, bos, eos): non-negative and below 2**31, so that index + offset always
 # fits the int64 arithmetic of service.tokens.
+def _json_integer(value: Any) -> Any:
+    """Refuse what JSON Schema's ``integer`` is not but pydantic's lax mode would read as one: ``true`` (1)
+    and numeric strings ("5"). Numbers with no fractional part (5.0) stay integers, as JSON Schema says."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(value, str):
+        raise PydanticCustomError(
+            "int_parsing", "Input should be a valid integer, unable to parse string as an integer"
+        )
+    return value
+
+
+# An integer in a JSON body (query and form values arrive as text and use plain ``int``).
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+JsonTokenId = Annotated[int, Field(ge=0, lt=2**31), BeforeValidator(_json_integer)]
 # A value sent back to /decode: anything int64 holds; values outside [offset, offset + K) are refused
 # later with their position, values beyond int64 here with their field location.
 # The schema publishes JSON's exactly representable integers (|v| < 2^53): beyond them clients and
 # fuzzers lose precision, and such a value is outside [offset, offset + K) anyway.
 WireInt = Annotated[
-    int, Field(ge=-(2**63), lt=2**63),
+    int, Field(ge=-(2**63), lt=2**63), BeforeValidator(_json_integer),
     WithJsonSchema({"type": "integer", "minimum": -(2**53 - 1), "maximum": 2**53 - 1}),
 ]
 
@@ -51,8 +68,8 @@ class ModelIdentity(BaseModel):
 
 
 class ImageSize(BaseModel):
-    width: int = Field(ge=1)
-    height: int = Field(ge=1)
+    width: JsonInt = Field(ge=1)
+    height: JsonInt = Field(ge=1)
 
 
 class EncodeOptions(BaseModel):
@@ -84,7 +101,14 @@ class EncodeOptions(BaseModel):
 
 
 class EncodeJSONRequest(EncodeOptions):
-    """``POST /encode`` with ``Content-Type: application/json``; option fields here override the query."""
+    """``POST /encode`` with ``Content-Type: application/json``; option fields here override the query.
+
+    The options are those of ``EncodeOptions`` with JSON's types (no "5" for 5, no 1 for true)."""
+
+    offset: JsonTokenId = EncodeOptions.model_fields["offset"].default
+    bos: JsonTokenId | None = None
+    eos: JsonTokenId | None = None
+    tokens: StrictBool = False
 
     # minItems/minLength are published for clients; the handler refuses empty input with its own message.
     images: list[Annotated[str, Field(json_schema_extra={"format": "byte", "minLength": 1})]] = Field(
@@ -153,12 +177,12 @@ class DecodeRequest(BaseModel):
         None, description="one flat sequence (or a list of them) as an LLM produced it; a leading `bos` and a "
         "trailing `eos` are stripped when present, then `offset` is subtracted",
     )
-    grid: tuple[int, int] | None = Field(None, description="[h, w] of every `tokens` sequence")
-    offset: TokenId = 0
-    bos: TokenId | None = None
-    eos: TokenId | None = None
+    grid: tuple[JsonInt, JsonInt] | None = Field(None, description="[h, w] of every `tokens` sequence")
+    offset: JsonTokenId = 0
+    bos: JsonTokenId | None = None
+    eos: JsonTokenId | None = None
     format: OutputFormat = Field("png", description="image format of the answer")
-    quality: int = Field(95, ge=1, le=100, description="JPEG / WebP quality")
+    quality: JsonInt = Field(95, ge=1, le=100, description="JPEG / WebP quality")
     crop_to: ImageSize | list[ImageSize] | None = Field(
         None, description="the content_size /encode reported (one for all grids, or one per grid): "
         "the decoded image is cropped to its top-left region of that size",
@@ -193,16 +217,21 @@ class CodebookResponse(BaseModel):
     num_embeddings: int
     embedding_dim: int
     downsample: int
-    usage: list[int] | None = Field(description="per-code counts recorded at training time, if the checkpoint has them")
-    perplexity: float | None = Field(description="exp(entropy) of the usage distribution (K = perfectly even)")
+    usage: list[int] | None = Field(description="per-code counts recorded at training time (the final held-out "
+                                          "evaluation), if the checkpoint has them")
+    perplexity: float | None = Field(description="exp(entropy) of the usage distribution (K = perfectly even); "
+                                                  "without counts, the recorded held-out perplexity")
     codes_used: int | None = Field(description="codes with a non-zero usage count")
     vectors: list[list[float]] | None = Field(None, description="(K, D) codebook, with ?include=vectors")
 
 
 class InfoResponse(BaseModel):
     model: ModelIdentity
-    config: dict[str, Any] = Field(description="the checkpoint's full model config")
-    checkpoint: dict[str, Any] = Field(description="path and training metadata recorded in the checkpoint")
+    config: dict[str, Any] = Field(description="the checkpoint's network config (all that encode and decode read)")
+    checkpoint: dict[str, Any] = Field(
+        description="the checkpoint folder's name and its record's other sections: format, format_version, "
+                    "codebook_training, provenance (name, steps, training, data, hardware, ...), metrics"
+    )
     device: str
     dtype: str = Field(description="compute dtype of the convolutions (the quantizer always runs in float32)")
     limits: dict[str, Any]

@@ -28,13 +28,13 @@ def _train_tiny_checkpoint(directory: Path, steps: int = 300) -> Path:
     import torch
     from skimage import data
 
-    from vqtok.model.checkpoint import save_checkpoint
-    from vqtok.model.config import VQVAEConfig
+    from vqtok.model.checkpoint import CodebookUsage, Provenance, save_checkpoint
+    from vqtok.model.config import NetworkConfig
     from vqtok.model.vqvae import VQVAE
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    config = VQVAEConfig(num_hiddens=32, num_residual_hiddens=8, embedding_dim=16, num_embeddings=64)
+    config = NetworkConfig(num_hiddens=32, num_residual_hiddens=8, embedding_dim=16, num_embeddings=64)
     model = VQVAE(config)
     photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1).float().div(255.0)  # (3, 512, 512)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -56,13 +56,13 @@ def _train_tiny_checkpoint(directory: Path, steps: int = 300) -> Path:
     model.eval()
     return save_checkpoint(
         directory, model,
-        {"name": "test-tiny", "steps": steps, "codebook_usage": [int(c) for c in counts.tolist()],
-         "data": "skimage.data.astronaut random 32x32 crops"},
+        Provenance(name="test-tiny", steps=steps, data="skimage.data.astronaut random 32x32 crops"),
+        codebook_usage=CodebookUsage.from_counts([int(c) for c in counts.tolist()]),
     )
 
 
 # Bump when _train_tiny_checkpoint changes: the trained checkpoint is cached under .pytest_cache by this key.
-_TINY_RECIPE = "test-tiny-v2-300-steps"  # v2: records carry model_id
+_TINY_RECIPE = "test-tiny-v3-300-steps"  # v2: records carry model_id; v3: format_version 2 records
 
 
 @pytest.fixture(scope="session")

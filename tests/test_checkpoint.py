@@ -16,24 +16,33 @@ from vqtok.model import checkpoint as checkpoint_module
 from vqtok.model.checkpoint import (
     DEFAULT_CHECKPOINT,
     CheckpointError,
+    CodebookUsage,
+    Metrics,
+    Provenance,
     compute_model_id,
     load_checkpoint,
+    read_checkpoint_record,
     save_checkpoint,
     sha256_file,
     verify_checkpoint,
 )
-from vqtok.model.config import MAX_PARAMETERS, TOKEN_FIELDS, TRAINING_ONLY_FIELDS, VQVAEConfig
+from vqtok.model.config import MAX_PARAMETERS, CodebookTrainingConfig, NetworkConfig
 from vqtok.model.evaluate import main as evaluate_main
+from vqtok.model.record import FORMAT_VERSION, CheckpointRecord
 from vqtok.model.vqvae import VQVAE
 
-TINY = VQVAEConfig(num_hiddens=16, num_residual_hiddens=8, embedding_dim=8, num_embeddings=32, downsample=8)
+TINY = NetworkConfig(num_hiddens=16, num_residual_hiddens=8, embedding_dim=8, num_embeddings=32, downsample=8)
+NETWORK_FIELDS = {f.name for f in dataclasses.fields(NetworkConfig)}
+# The bundled checkpoint's identity, unchanged since its config.json was written in the version-1 layout.
+BUNDLED_MODEL_ID = "aafe8667c7495436a368ee62696220b30e700f62074df0aab930780084bdced5"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[Path, VQVAE]:
     torch.manual_seed(0)
     model = VQVAE(TINY)
-    path = save_checkpoint(tmp_path / "ckpt", model, {"name": "tiny", "steps": 7})
+    path = save_checkpoint(tmp_path / "ckpt", model, Provenance(name="tiny", steps=7))
     return path, model
 
 
@@ -43,11 +52,20 @@ def _edit_config(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
     (path / "config.json").write_text(json.dumps(record))
 
 
+def _edit_fields(path: Path, change: dict) -> None:
+    """Overwrite config fields in a version-2 record, each in its section (network or codebook_training)."""
+    def edit(record: dict) -> None:
+        for name, value in change.items():
+            record["network" if name in NETWORK_FIELDS else "codebook_training"][name] = value
+
+    _edit_config(path, edit)
+
+
 def test_round_trip_restores_every_tensor_and_the_record(saved: tuple[Path, VQVAE]) -> None:
     path, model = saved
     loaded = load_checkpoint(path, "cpu")
-    assert loaded.config == TINY
-    assert loaded.name == "tiny" and loaded.metadata["steps"] == 7
+    assert loaded.network == TINY and loaded.codebook_training == CodebookTrainingConfig()
+    assert loaded.name == "tiny" and loaded.record.provenance.steps == 7
     assert loaded.weights_sha256 == sha256_file(path / "model.safetensors")
     assert not loaded.model.training
     for key, tensor in model.state_dict().items():
@@ -66,7 +84,7 @@ def test_saved_files_are_readable_by_others(saved: tuple[Path, VQVAE]) -> None:
 
 def test_save_replaces_atomically_and_leaves_no_temporaries(saved: tuple[Path, VQVAE]) -> None:
     path, model = saved
-    save_checkpoint(path, model, {"name": "second"})
+    save_checkpoint(path, model, Provenance(name="second"))
     assert load_checkpoint(path).name == "second"
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
 
@@ -79,7 +97,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(saved: tuple[Path, VQVAE],
 
     monkeypatch.setattr(checkpoint_module, "_write_json", dies)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, model, {"name": "never"})
+        save_checkpoint(path, model, Provenance(name="never"))
     assert load_checkpoint(path).name == "tiny"
     assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt"]
 
@@ -121,16 +139,16 @@ def test_truncated_weights_with_matching_hash_are_unreadable(saved: tuple[Path, 
         load_checkpoint(path)
 
 
-def test_unknown_config_key(saved: tuple[Path, VQVAEConfig]) -> None:
+def test_unknown_config_key(saved: tuple[Path, VQVAE]) -> None:
     path, _ = saved
-    _edit_config(path, lambda r: r["config"].update(colour_space="lab"))
+    _edit_config(path, lambda r: r["network"].update(colour_space="lab"))
     with pytest.raises(CheckpointError, match=r"config\.json: invalid config: unknown config key\(s\): colour_space"):
         load_checkpoint(path)
 
 
 def test_shape_mismatch_names_the_tensor(saved: tuple[Path, VQVAE]) -> None:
     path, _ = saved
-    _edit_config(path, lambda r: r["config"].update(num_embeddings=64))
+    _edit_fields(path, {"num_embeddings": 64})
     expected = r"tensor 'quantizer\.steps_since_used' has shape \(32,\), .* needs \(64,\)"
     with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(path)
@@ -138,7 +156,7 @@ def test_shape_mismatch_names_the_tensor(saved: tuple[Path, VQVAE]) -> None:
 
 def test_missing_tensors_are_named(saved: tuple[Path, VQVAE]) -> None:
     path, _ = saved
-    _edit_config(path, lambda r: r["config"].update(num_residual_layers=3))
+    _edit_fields(path, {"num_residual_layers": 3})
     with pytest.raises(CheckpointError, match=r"missing \['decoder\.residual_stack\.layers\.2\.conv1\.weight'"):
         load_checkpoint(path)
 
@@ -165,7 +183,7 @@ def test_invalid_json_and_foreign_format(saved: tuple[Path, VQVAE]) -> None:
 def trained(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny trained checkpoint, saved again so its config.json records a model_id."""
     loaded = load_checkpoint(tiny_checkpoint)
-    return save_checkpoint(tmp_path / "trained", loaded.model, {"name": loaded.name})
+    return save_checkpoint(tmp_path / "trained", loaded.model, Provenance(name=loaded.name))
 
 
 def _record(path: Path) -> dict:
@@ -178,7 +196,7 @@ def _rewrite_weights(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
     state = load_file(str(weights))
     edit(state)
     save_file(state, str(weights))
-    config = VQVAEConfig.from_dict(_record(path)["config"])
+    config = NetworkConfig.from_dict(_record(path)["network"])
     sha = sha256_file(weights)
     _edit_config(path, lambda r: r.update(weights_sha256=sha, model_id=compute_model_id(config, sha)))
 
@@ -198,16 +216,21 @@ def test_model_id_is_recorded_on_save_and_recomputed_on_load(trained: Path) -> N
     loaded = load_checkpoint(trained)
     record = _record(trained)
     assert re.fullmatch(r"[0-9a-f]{64}", loaded.model_id)
-    assert record["model_id"] == loaded.model_id == compute_model_id(loaded.config, record["weights_sha256"])
+    assert record["model_id"] == loaded.model_id == compute_model_id(loaded.network, record["weights_sha256"])
     assert loaded.model_id != loaded.weights_sha256
     verify_checkpoint(trained)  # a good checkpoint passes
 
 
-def test_model_id_covers_every_token_field_and_no_training_only_field() -> None:
-    fields = {f.name for f in dataclasses.fields(VQVAEConfig)}
-    # every field is classified, so a new field forces a decision about model_id
-    assert set(TOKEN_FIELDS) | set(TRAINING_ONLY_FIELDS) == fields
-    assert not set(TOKEN_FIELDS) & set(TRAINING_ONLY_FIELDS)
+def test_model_id_covers_every_network_field_and_no_training_only_field(trained: Path) -> None:
+    network = {f.name for f in dataclasses.fields(NetworkConfig)}
+    training = {f.name for f in dataclasses.fields(CodebookTrainingConfig)}
+    # the split kept every field of the one config it replaced, each in exactly one part
+    assert network | training == {
+        "in_channels", "num_hiddens", "num_residual_hiddens", "num_residual_layers", "embedding_dim",
+        "num_embeddings", "quantizer", "downsample", "pixel_mean", "pixel_std",
+        "commitment_cost", "decay", "epsilon", "dead_code_window", "dead_code_threshold", "kmeans_init", "kmeans_iters",
+    }
+    assert not network & training
     base = compute_model_id(TINY, "0" * 64)
     assert compute_model_id(TINY, "1" * 64) != base
     token_changes = {
@@ -217,21 +240,24 @@ def test_model_id_covers_every_token_field_and_no_training_only_field() -> None:
         "quantizer": {"quantizer": "plain"}, "downsample": {"downsample": 4},
         "pixel_mean": {"pixel_mean": [0.4, 0.5, 0.5]}, "pixel_std": {"pixel_std": [1.0, 1.0, 0.5]},
     }
-    assert set(token_changes) == set(TOKEN_FIELDS)
+    assert set(token_changes) == network
     for name, change in token_changes.items():
         assert compute_model_id(dataclasses.replace(TINY, **change), "0" * 64) != base, name
+    # lists and tuples, 1 and 1.0: the same config, the same id
+    assert compute_model_id(NetworkConfig.from_dict({**TINY.to_dict(), "pixel_std": [1, 1, 1]}), "0" * 64) == base
+    # every training-only field edited in a written checkpoint: the same id, and it still loads
     training_changes = {"commitment_cost": 0.5, "decay": 0.9, "epsilon": 1e-3, "dead_code_window": 5,
                         "dead_code_threshold": 0.5, "kmeans_init": True, "kmeans_iters": 3}
-    assert set(training_changes) == set(TRAINING_ONLY_FIELDS)
-    for name, value in training_changes.items():
-        assert compute_model_id(dataclasses.replace(TINY, **{name: value}), "0" * 64) == base, name
-    # lists and tuples, 1 and 1.0: the same config, the same id
-    assert compute_model_id(VQVAEConfig.from_dict({**TINY.to_dict(), "pixel_std": [1, 1, 1]}), "0" * 64) == base
+    assert set(training_changes) == training
+    before = load_checkpoint(trained).model_id
+    _edit_fields(trained, training_changes)
+    after = load_checkpoint(trained)
+    assert after.model_id == before and after.codebook_training == CodebookTrainingConfig(**training_changes)
 
 
 def test_an_edited_pixel_mean_is_refused_as_a_changed_config(trained: Path) -> None:
     before = load_checkpoint(trained)
-    _edit_config(trained, lambda r: r["config"].update(pixel_mean=[0.4, 0.5, 0.5]))
+    _edit_fields(trained, {"pixel_mean": [0.4, 0.5, 0.5]})
     error = _refused(trained, r"config\.json: changed after the checkpoint was written: its model_id '[0-9a-f]{64}' "
                               r"no longer matches '[0-9a-f]{64}'")
     assert before.model_id in str(error)
@@ -239,9 +265,9 @@ def test_an_edited_pixel_mean_is_refused_as_a_changed_config(trained: Path) -> N
 
 def test_an_edited_training_only_field_keeps_the_model_id(trained: Path) -> None:
     before = load_checkpoint(trained).model_id
-    _edit_config(trained, lambda r: r["config"].update(decay=0.9, dead_code_window=7))
+    _edit_fields(trained, {"decay": 0.9, "dead_code_window": 7})
     after = load_checkpoint(trained)
-    assert after.model_id == before and after.config.decay == 0.9
+    assert after.model_id == before and after.codebook_training.decay == 0.9
 
 
 def test_an_older_record_without_model_id_loads_and_computes_it(trained: Path) -> None:
@@ -251,17 +277,95 @@ def test_an_older_record_without_model_id_loads_and_computes_it(trained: Path) -
     assert load_checkpoint(trained).model_id == recorded
 
 
-def test_metadata_cannot_override_the_identity(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "ckpt", VQVAE(TINY), {"name": "x", "model_id": "forged", "weights_sha256": "f"})
-    record = _record(path)
-    assert record["weights_sha256"] == sha256_file(path / "model.safetensors")
-    assert record["model_id"] == load_checkpoint(path).model_id != "forged"
+def test_the_identity_is_computed_on_save_never_given(tmp_path: Path) -> None:
+    model = VQVAE(TINY)
+    first = save_checkpoint(tmp_path / "a", model, Provenance(name="a"))
+    second = save_checkpoint(tmp_path / "b", model, Provenance(name="b", steps=3), Metrics({"psnr": 1.0}))
+    record = _record(first)
+    assert record["weights_sha256"] == sha256_file(first / "model.safetensors")
+    assert record["model_id"] == load_checkpoint(first).model_id == _record(second)["model_id"]
 
 
 @pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="no bundled checkpoint")
 def test_the_bundled_checkpoint_records_its_model_id() -> None:
     verify_checkpoint(DEFAULT_CHECKPOINT)
-    assert _record(DEFAULT_CHECKPOINT)["model_id"] == load_checkpoint(DEFAULT_CHECKPOINT).model_id
+    assert _record(DEFAULT_CHECKPOINT)["model_id"] == load_checkpoint(DEFAULT_CHECKPOINT).model_id == BUNDLED_MODEL_ID
+    assert _record(DEFAULT_CHECKPOINT)["format_version"] == FORMAT_VERSION == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The record: version 2 written and read in one place (model.record), version-1 files still load.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_record_round_trips_through_json(saved: tuple[Path, VQVAE]) -> None:
+    path, model = saved
+    usage = CodebookUsage.from_counts([3, 0, 1] + [0] * 29)
+    heldout = {"mse": 0.01, "psnr": 20.0, "perplexity": 2.5, "codes_used": 2}
+    save_checkpoint(path, model, Provenance(name="tiny", steps=7, data={"kind": "photos"}), Metrics(heldout), usage)
+    record = read_checkpoint_record(path)
+    assert CheckpointRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+    assert record.codebook_usage == usage and usage.codes_used == 2 and 1.0 < (usage.perplexity or 0) < 2.0
+    assert record.metrics.heldout_perplexity == 2.5 and record.provenance.data == {"kind": "photos"}
+    assert set(_record(path)) == set(CheckpointRecord.KEYS)  # nothing merged into the top level
+
+
+@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="no bundled checkpoint")
+def test_a_version_1_record_loads_with_the_same_identity_and_fields(tmp_path: Path) -> None:
+    """tests/fixtures/bundled-config-v1.json is the bundled config.json as written in the version-1 layout
+    (flat: one config object, the trainer's metadata in the top level, usage as a bare list)."""
+    old = tmp_path / "v1"
+    old.mkdir()
+    shutil.copy(DEFAULT_CHECKPOINT / "model.safetensors", old / "model.safetensors")
+    shutil.copy(FIXTURES / "bundled-config-v1.json", old / "config.json")
+    verify_checkpoint(old)
+    loaded, bundled = load_checkpoint(old), load_checkpoint(DEFAULT_CHECKPOINT)
+    assert loaded.record.format_version == 1 and loaded.model_id == BUNDLED_MODEL_ID
+    assert dataclasses.replace(loaded.record, format_version=2) == bundled.record  # the same record, read from v1
+    assert loaded.name == "vqtok-default-f4" and loaded.record.provenance.steps == 8000
+    assert loaded.record.codebook_usage is not None and loaded.record.codebook_usage.codes_used == 502
+    # saving it again writes version 2, with the same model_id
+    again = save_checkpoint(tmp_path / "again", loaded.model, loaded.record.provenance, loaded.record.metrics,
+                            loaded.record.codebook_usage)
+    assert _record(again)["format_version"] == 2 and load_checkpoint(again).model_id == BUNDLED_MODEL_ID
+
+
+def test_version_1_keeps_its_errors_and_drops_unknown_metadata(saved: tuple[Path, VQVAE]) -> None:
+    path, _ = saved
+    record = _record(path)
+    flat = {"format": "vqtok-checkpoint", "format_version": 1,
+            "config": {**record["network"], **record["codebook_training"]}, "weights_file": record["weights_file"],
+            "weights_sha256": record["weights_sha256"], "model_id": record["model_id"], "name": "old", "steps": 5,
+            "metrics": {}, "codebook_usage": None, "notes": "never read"}
+    (path / "config.json").write_text(json.dumps(flat))
+    loaded = load_checkpoint(path)
+    assert loaded.name == "old" and loaded.record.metrics == Metrics() and loaded.record.codebook_usage is None
+    _edit_config(path, lambda r: r["config"].update(colour_space="lab", decay="0.99"))
+    _refused(path, r"config\.json: invalid config: unknown config key\(s\): colour_space")
+    _edit_config(path, lambda r: r["config"].pop("colour_space"))
+    _refused(path, r"config\.json: invalid config: decay must be a number, got '0\.99' \(str\)")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda r: r.update(format_version=3), "format_version 3 is not supported (this vqtok reads 1 and 2)"),
+    (lambda r: r.update(format_version=True), "format_version True is not supported"),
+    (lambda r: r.update(config={}), "unknown key(s) in the record: config"),
+    (lambda r: r["provenance"].update(steps="7"), "'provenance.steps' must be an integer >= 0 or null, got '7'"),
+    (lambda r: r["provenance"].update(colour="red"), "unknown key(s) in 'provenance': colour"),
+    (lambda r: r.update(codebook_usage={"counts": [1, 2]}),
+     "'codebook_usage.counts' has 2 entries, the network has 32 codes"),
+    (lambda r: r.update(codebook_usage={"counts": [-1] * 32}), "'codebook_usage.counts' must be a list of integers"),
+    (lambda r: r.update(metrics={"heldout_crops": {"psnr": "high"}}),
+     "'metrics.heldout_crops.psnr' must be a number, got 'high'"),
+    (lambda r: r.update(weights_sha256=None), "'weights_sha256' must be a string"),
+    (lambda r: r.pop("network"), "'network' must be an object, got None"),
+    (lambda r: r["codebook_training"].update(dead_code_threshold=1.0) or r["network"].update(quantizer="plain"),
+     "invalid config: dead_code_threshold needs the 'ema' quantizer"),
+])
+def test_a_malformed_record_is_refused_naming_the_key(saved: tuple[Path, VQVAE], edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    path, _ = saved
+    _edit_config(path, edit)
+    _refused(path, r"config\.json: " + re.escape(message))
 
 
 @pytest.mark.asyncio
@@ -314,7 +418,7 @@ def test_a_plain_weights_file_name_other_than_the_default_loads(trained: Path) -
     (trained / "model.safetensors").rename(trained / "weights.safetensors")
     _edit_config(trained, lambda r: r.update(weights_file="weights.safetensors"))
     verify_checkpoint(trained)
-    assert load_checkpoint(trained).config.num_embeddings == 64
+    assert load_checkpoint(trained).network.num_embeddings == 64
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -336,18 +440,18 @@ def test_a_plain_weights_file_name_other_than_the_default_loads(trained: Path) -
 ])
 def test_config_types_and_sizes_are_refused_before_allocating(trained: Path, monkeypatch: pytest.MonkeyPatch,
                                                               change: dict, message: str) -> None:
-    _edit_config(trained, lambda r: r["config"].update(change))
-    built: list[VQVAEConfig] = []
-    monkeypatch.setattr(checkpoint_module, "VQVAE", lambda config: built.append(config))  # must never run
+    _edit_fields(trained, change)
+    built: list[tuple] = []
+    monkeypatch.setattr(checkpoint_module, "VQVAE", lambda *configs: built.append(configs))  # must never run
     _refused(trained, r"config\.json: invalid config: " + re.escape(message))
     assert built == []
 
 
 @pytest.mark.parametrize("config", [
-    TINY, VQVAEConfig(), VQVAEConfig(downsample=16, quantizer="plain", num_residual_layers=0),
-    VQVAEConfig(in_channels=1, num_hiddens=33, pixel_mean=(0.5,), pixel_std=(1.0,), downsample=8),
+    TINY, NetworkConfig(), NetworkConfig(downsample=16, quantizer="plain", num_residual_layers=0),
+    NetworkConfig(in_channels=1, num_hiddens=33, pixel_mean=(0.5,), pixel_std=(1.0,), downsample=8),
 ])
-def test_parameter_count_matches_the_built_model(config: VQVAEConfig) -> None:
+def test_parameter_count_matches_the_built_model(config: NetworkConfig) -> None:
     with torch.device("meta"):
         state = VQVAE(config).state_dict()
     assert config.parameter_count() == sum(t.numel() for t in state.values())
@@ -355,8 +459,10 @@ def test_parameter_count_matches_the_built_model(config: VQVAEConfig) -> None:
 
 def test_the_limits_refuse_a_huge_config_from_the_command_line_too() -> None:
     with pytest.raises(ValueError, match=r"num_hiddens must be <= 4096, got 20000"):
-        VQVAEConfig(num_hiddens=20000)
-    assert VQVAEConfig(num_hiddens=4096, downsample=16).parameter_count() <= MAX_PARAMETERS  # the maxima fit
+        NetworkConfig(num_hiddens=20000)
+    with pytest.raises(ValueError, match=r"kmeans_iters must be <= 1000, got 5000"):
+        CodebookTrainingConfig(kmeans_iters=5000)
+    assert NetworkConfig(num_hiddens=4096, downsample=16).parameter_count() <= MAX_PARAMETERS  # the maxima fit
 
 
 def test_a_tensor_of_the_wrong_kind_is_refused(trained: Path) -> None:
@@ -372,9 +478,9 @@ def test_verify_checkpoint_checks_without_building_the_model(trained: Path, monk
     real = checkpoint_module.VQVAE
     devices: list[str] = []
 
-    def spy(config: VQVAEConfig) -> VQVAE:
+    def spy(*configs: NetworkConfig | CodebookTrainingConfig) -> VQVAE:
         devices.append(torch.get_default_device().type)
-        return real(config)
+        return real(*configs)
 
     monkeypatch.setattr(checkpoint_module, "VQVAE", spy)
     verify_checkpoint(trained)
@@ -384,7 +490,7 @@ def test_verify_checkpoint_checks_without_building_the_model(trained: Path, monk
 @pytest.mark.parametrize(("damage", "pattern"), [
     (lambda p: (p / "config.json").write_text("{"), r"config\.json: not valid JSON"),
     (lambda p: (p / "model.safetensors").write_bytes(b"x" * 64), r"model\.safetensors: sha256 .* does not match"),
-    (lambda p: _edit_config(p, lambda r: r["config"].update(embedding_dim=8)),
+    (lambda p: _edit_fields(p, {"embedding_dim": 8}),
      r"model\.safetensors: tensor 'pre_vq_conv\.weight' has shape \(16, 32, 1, 1\), .* needs \(8, 32, 1, 1\)"),
     (lambda p: (p / "model.safetensors").unlink(), r"model\.safetensors: missing"),
 ])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vqtok.model import quantizer as quantizer_module
-from vqtok.model.config import VQVAEConfig
+from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
 from vqtok.model.quantizer import VectorQuantizer, VectorQuantizerEMA, kmeans, nearest_code, perplexity_of
 from vqtok.model.vqvae import VQVAE
 
@@ -18,7 +18,7 @@ TINY = {"num_hiddens": 16, "num_residual_hiddens": 8, "embedding_dim": 8, "num_e
 @pytest.mark.parametrize("downsample", [4, 8, 16])
 @pytest.mark.parametrize(("height", "width"), [(48, 80), (16 * 3, 16 * 7), (32, 32)])
 def test_shapes_for_every_downsample_factor(downsample: int, height: int, width: int) -> None:
-    model = VQVAE(VQVAEConfig(downsample=downsample, **TINY))
+    model = VQVAE(NetworkConfig(downsample=downsample, **TINY))
     x = torch.randn(2, 3, height, width)
     out = model(x)
     assert out.reconstruction.shape == (2, 3, height, width)
@@ -31,24 +31,30 @@ def test_shapes_for_every_downsample_factor(downsample: int, height: int, width:
 
 @pytest.mark.parametrize(("downsample", "height", "width"), [(4, 30, 32), (8, 36, 40), (16, 32, 40)])
 def test_sizes_that_are_not_multiples_are_refused(downsample: int, height: int, width: int) -> None:
-    model = VQVAE(VQVAEConfig(downsample=downsample, **TINY))
+    model = VQVAE(NetworkConfig(downsample=downsample, **TINY))
     with pytest.raises(ValueError, match=f"multiples of the downsample factor {downsample}, got {height}x{width}"):
         model.encode(torch.randn(1, 3, height, width))
 
 
 def test_bad_config_values_name_the_field() -> None:
     with pytest.raises(ValueError, match="downsample must be 4, 8 or 16, got 2"):
-        VQVAEConfig(downsample=2)
+        NetworkConfig(downsample=2)
     with pytest.raises(ValueError, match="num_embeddings must be >= 1"):
-        VQVAEConfig(num_embeddings=0)
+        NetworkConfig(num_embeddings=0)
     with pytest.raises(ValueError, match="unknown config key\\(s\\): colour"):
-        VQVAEConfig.from_dict({"colour": 1})
-    config = VQVAEConfig(downsample=8, pixel_mean=(0.1, 0.2, 0.3))
-    assert VQVAEConfig.from_dict(config.to_dict()) == config
+        NetworkConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match="unknown config key\\(s\\): decay"):  # a training-only field
+        NetworkConfig.from_dict({"decay": 0.9})
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\), got 1\.5"):
+        CodebookTrainingConfig(decay=1.5)
+    config = NetworkConfig(downsample=8, pixel_mean=(0.1, 0.2, 0.3))
+    assert NetworkConfig.from_dict(config.to_dict()) == config
+    training = CodebookTrainingConfig(decay=0.9, kmeans_init=True)
+    assert CodebookTrainingConfig.from_dict(training.to_dict()) == training
 
 
 def test_every_residual_block_has_its_own_weights() -> None:
-    model = VQVAE(VQVAEConfig(num_residual_layers=3, **TINY))
+    model = VQVAE(NetworkConfig(num_residual_layers=3, **TINY))
     for stack in (model.encoder.residual_stack, model.decoder.residual_stack):
         ids = {id(layer.conv3.weight) for layer in stack.layers}
         assert len(ids) == 3
@@ -56,7 +62,7 @@ def test_every_residual_block_has_its_own_weights() -> None:
 
 def test_decode_of_encode_equals_forward_reconstruction_in_eval_mode() -> None:
     torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(**TINY)).eval()
+    model = VQVAE(NetworkConfig(**TINY)).eval()
     x = torch.randn(3, 3, 32, 48)
     with torch.no_grad():
         forward = model(x)
@@ -68,7 +74,7 @@ def test_decode_of_encode_equals_forward_reconstruction_in_eval_mode() -> None:
 
 def test_indices_image_indices_round_trip_keeps_the_grid() -> None:
     torch.manual_seed(1)
-    model = VQVAE(VQVAEConfig(**TINY)).eval()
+    model = VQVAE(NetworkConfig(**TINY)).eval()
     grid = torch.randint(0, 32, (2, 5, 7))
     with torch.no_grad():
         image = model.decode(grid)
@@ -78,7 +84,7 @@ def test_indices_image_indices_round_trip_keeps_the_grid() -> None:
 
 
 def test_decode_names_the_first_bad_index() -> None:
-    model = VQVAE(VQVAEConfig(**TINY))
+    model = VQVAE(NetworkConfig(**TINY))
     grid = torch.zeros(1, 2, 3, dtype=torch.long)
     grid[0, 1, 2] = 32
     with pytest.raises(ValueError, match=r"index 32 at \[0, 1, 2\] is outside \[0, 32\)"):
@@ -186,7 +192,7 @@ def test_kmeans_init_places_codes_on_the_data() -> None:
 
 
 def test_quantizer_stays_float32_under_bf16_autocast() -> None:
-    model = VQVAE(VQVAEConfig(**TINY)).train()
+    model = VQVAE(NetworkConfig(**TINY)).train()
     x = torch.randn(2, 3, 16, 16)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -207,7 +213,7 @@ def test_nearest_code_under_autocast_matches_float32() -> None:
 
 
 def test_straight_through_passes_gradients_to_the_encoder() -> None:
-    model = VQVAE(VQVAEConfig(quantizer="plain", **TINY)).train()
+    model = VQVAE(NetworkConfig(quantizer="plain", **TINY)).train()
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
     (out.reconstruction.pow(2).mean() + out.vq_loss).backward()
@@ -232,7 +238,18 @@ def test_threshold_reseeds_rarely_used_ema_codes_with_grace() -> None:
 
 def test_threshold_needs_the_ema_quantizer() -> None:
     with pytest.raises(ValueError, match="dead_code_threshold needs the 'ema' quantizer"):
-        VQVAEConfig(quantizer="plain", dead_code_threshold=1.0)
+        VQVAE(NetworkConfig(quantizer="plain", **TINY), CodebookTrainingConfig(dead_code_threshold=1.0))
+
+
+def test_the_network_alone_builds_a_servable_model() -> None:
+    """Serving needs only the network: the training config defaults and changes no token."""
+    torch.manual_seed(0)
+    trained = VQVAE(NetworkConfig(**TINY), CodebookTrainingConfig(commitment_cost=1.0, decay=0.5, kmeans_init=True))
+    served = VQVAE(NetworkConfig(**TINY))
+    assert served.codebook_training == CodebookTrainingConfig()
+    served.load_state_dict(trained.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(served.eval().encode(x), trained.eval().encode(x))
 
 
 def test_the_quantizer_combines_statistics_through_its_injected_reducer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -194,7 +194,7 @@ async def test_encode_npy(make_service, astronaut, coffee, image_bytes) -> None:
 async def test_codebook_json_vectors_and_npy(make_service, tiny_checkpoint) -> None:
     import json
 
-    usage = json.loads((tiny_checkpoint / "config.json").read_text())["codebook_usage"]
+    usage = json.loads((tiny_checkpoint / "config.json").read_text())["codebook_usage"]["counts"]
     async with make_service() as (_, client):
         summary = (await client.get("/codebook")).json()
         with_vectors = (await client.get("/codebook", params={"include": "vectors"})).json()
@@ -208,6 +208,24 @@ async def test_codebook_json_vectors_and_npy(make_service, tiny_checkpoint) -> N
     np.testing.assert_allclose(np.array(with_vectors["vectors"], dtype=np.float32), vectors)
 
 
+async def test_codebook_without_usage_counts_reports_the_recorded_heldout_figures(make_service, tiny_checkpoint,
+                                                                                  tmp_path) -> None:
+    """A record with held-out metrics but no usage counts: /codebook reports the trainer's held-out
+    perplexity and codes used (metrics.heldout_crops), not nothing."""
+    import json
+    import shutil
+
+    checkpoint = tmp_path / "no-counts"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    record = json.loads((checkpoint / "config.json").read_text())
+    record["codebook_usage"] = None
+    record["metrics"] = {"heldout_crops": {"mse": 0.01, "perplexity": 41.5, "codes_used": 57, "num_embeddings": 64}}
+    (checkpoint / "config.json").write_text(json.dumps(record))
+    async with make_service(checkpoint=checkpoint) as (_, client):
+        summary = (await client.get("/codebook")).json()
+    assert (summary["usage"], summary["perplexity"], summary["codes_used"]) == (None, 41.5, 57)
+
+
 async def test_health_ready_info_docs(make_service) -> None:
     async with make_service(max_pixels=1_000_000) as (_, client):
         health, ready, info = [await client.get(p) for p in ("/health", "/ready", "/info")]
@@ -218,7 +236,9 @@ async def test_health_ready_info_docs(make_service) -> None:
     assert body["model"]["name"] == "test-tiny" and body["config"]["num_embeddings"] == 64
     assert body["device"] == "cpu" and body["dtype"] == "float32" and body["auth"] is False
     assert body["limits"]["max_pixels"] == 1_000_000 and body["limits"]["max_batch_size"] == 8
-    assert body["checkpoint"]["steps"] > 0 and "version" in body
+    assert body["checkpoint"]["provenance"]["steps"] > 0 and "version" in body
+    assert body["checkpoint"]["format_version"] == 2 and "network" not in body["checkpoint"]
+    assert "decay" not in body["config"] and "decay" in body["checkpoint"]["codebook_training"]
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert {"/encode", "/decode", "/codebook", "/info", "/health", "/ready"} <= set(openapi["paths"])
     encode_body = openapi["paths"]["/encode"]["post"]["requestBody"]["content"]

@@ -81,7 +81,7 @@ def test_serve_refuses_a_bad_checkpoint_in_one_line(tiny_checkpoint: Path, tmp_p
     edited = tmp_path / "edited"
     shutil.copytree(tiny_checkpoint, edited)
     record = json.loads((edited / "config.json").read_text())
-    record["config"]["pixel_mean"] = [0.4, 0.4, 0.4]
+    record["network"]["pixel_mean"] = [0.4, 0.4, 0.4]
     (edited / "config.json").write_text(json.dumps(record))
     assert vqtok(["serve", "--checkpoint", str(edited)]) == 2
     err = capsys.readouterr().err

@@ -331,3 +331,21 @@ async def test_multipart_abuse(service, astronaut, image_bytes) -> None:
     for body, content_type, status, error_type, *fragments in cases:
         response = await service.post("/encode", content=body, headers={"content-type": content_type})
         assert_error(response, status, error_type, *fragments)
+
+
+async def test_json_bodies_take_json_types_only(service, astronaut, image_bytes) -> None:
+    """What JSON Schema's integer and boolean are not, the server refuses too (pydantic's lax mode would
+    read false as 0 and "5" as 5); integral numbers such as 2.0 stay integers, as the schema says."""
+    png = base64.b64encode(image_bytes(astronaut, size=(16, 16))).decode()
+    cases = [
+        ("/decode", {"bos": False, "indices": [[0]]}, "body.bos: Input should be a valid integer"),
+        ("/decode", {"indices": [["5"]]}, "body.indices[0][0]: Input should be a valid integer"),
+        ("/decode", {"tokens": [1], "grid": [True, 1]}, "body.grid[0]: Input should be a valid integer"),
+        ("/decode", {"indices": [[1]], "crop_to": {"width": "4", "height": 4}}, "body.crop_to.width"),
+        ("/encode", {"images": [png], "offset": "5"}, "body.offset: Input should be a valid integer"),
+        ("/encode", {"images": [png], "tokens": 1}, "body.tokens: Input should be a valid boolean"),
+    ]
+    for path, body, fragment in cases:
+        assert_error(await service.post(path, json=body), 422, "invalid_request", fragment)
+    integral = await service.post("/decode", json={"indices": [[2.0, 1]], "quality": 90.0, "format": "jpeg"})
+    assert integral.status_code == 200

@@ -49,13 +49,18 @@ def test_a_short_run_lowers_the_loss_and_uses_the_codebook(short_run: Path) -> N
 
 def test_the_run_writes_a_loadable_checkpoint_and_figures(short_run: Path) -> None:
     checkpoint = load_checkpoint(short_run / "checkpoint")
-    record = checkpoint.metadata
-    assert record["steps"] == 120
-    assert record["data"]["kind"] == "photos"
-    assert record["training"]["lr"] == 2e-3
-    assert len(record["codebook_usage"]) == 32 and sum(record["codebook_usage"]) > 0
-    assert {"mse", "psnr", "codes_used"} <= set(record["metrics"]["heldout_crops"])
-    assert checkpoint.config.num_embeddings == 32
+    record = checkpoint.record
+    assert record.provenance.steps == 120
+    assert isinstance(record.provenance.data, dict) and record.provenance.data["kind"] == "photos"
+    assert record.provenance.training is not None and record.provenance.training["lr"] == 2e-3
+    usage, heldout = record.codebook_usage, record.metrics.heldout_crops
+    assert usage is not None and usage.counts is not None
+    assert len(usage.counts) == 32 and sum(usage.counts) > 0
+    assert heldout is not None and {"mse", "psnr", "codes_used"} <= set(heldout)
+    # the usage counts are those of the final held-out evaluation: the same codes, the same perplexity
+    assert usage.codes_used == heldout["codes_used"] and usage.perplexity == pytest.approx(heldout["perplexity"])
+    assert checkpoint.network.num_embeddings == 32
+    assert checkpoint.codebook_training.dead_code_window == 10  # --dead-code-window reached the record
     for figure in ("training.png", "reconstructions.png"):
         assert (short_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -70,7 +75,7 @@ def test_resume_continues_from_the_saved_step(short_run: Path, tmp_path: Path,
     steps = [m["step"] for m in _metrics(out) if "recon_mse" in m]
     assert steps == [10, 20, 30]
     checkpoint = load_checkpoint(out / "checkpoint")
-    assert checkpoint.metadata["resumed_from_step"] == 20
+    assert checkpoint.record.provenance.resumed_from_step == 20
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the run's last stdout line
     assert summary["model_id"] == checkpoint.model_id
 
@@ -116,7 +121,7 @@ def test_a_killed_run_resumed_ends_with_the_weights_of_the_uninterrupted_run(tmp
         assert torch.equal(tensor, resumed[name]), name
     steps = [m["step"] for m in _metrics(killed) if "recon_mse" in m]
     assert steps == [m["step"] for m in _metrics(whole) if "recon_mse" in m] == list(range(5, 61, 5))
-    assert load_checkpoint(killed / "checkpoint").metadata["resumed_from_step"] == stopped_at
+    assert load_checkpoint(killed / "checkpoint").record.provenance.resumed_from_step == stopped_at
 
 
 def test_trainer_state_loads_with_weights_only(short_run: Path) -> None:
@@ -163,9 +168,28 @@ def test_environment_variables_set_defaults(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setenv("VQTOK_TRAIN_STEPS", "77")
     monkeypatch.setenv("VQTOK_MODEL_DOWNSAMPLE", "8")
+    monkeypatch.setenv("VQTOK_MODEL_DECAY", "0.9")  # a codebook-training field keeps the VQTOK_MODEL_ prefix
     args = build_parser().parse_args(["--batch-size", "3"])
-    assert (args.steps, args.downsample, args.batch_size) == (77, 8, 3)
+    assert (args.steps, args.downsample, args.batch_size, args.decay) == (77, 8, 3, 0.9)
     assert build_parser().parse_args(["--steps", "5"]).steps == 5  # a flag beats the environment
+
+
+def test_the_model_flags_are_those_of_both_configs() -> None:
+    """Every field of NetworkConfig (but in_channels) and CodebookTrainingConfig is a flag, split into its part."""
+    import dataclasses
+
+    from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
+    from vqtok.model.options import dataclass_from_args
+    from vqtok.model.train import build_parser
+
+    flags = {option for action in build_parser()._actions for option in action.option_strings}
+    for cls in (NetworkConfig, CodebookTrainingConfig):
+        for f in dataclasses.fields(cls):
+            assert (f"--{f.name.replace('_', '-')}" in flags) == (f.name != "in_channels"), f.name
+    args = build_parser().parse_args(["--downsample", "8", "--kmeans-init", "--commitment-cost", "0.5"])
+    assert dataclass_from_args(NetworkConfig, args) == NetworkConfig(downsample=8)
+    assert dataclass_from_args(CodebookTrainingConfig, args) == CodebookTrainingConfig(kmeans_init=True,
+                                                                                       commitment_cost=0.5)
 
 
 def test_evaluate_json_reports_the_documented_keys(short_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,7 +218,8 @@ def test_two_process_ddp_ends_with_identical_codebooks(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    record = load_checkpoint(out / "checkpoint").metadata
-    assert record["hardware"]["processes"] == 2
-    assert record["metrics"]["heldout_crops"]["ddp_codebook_max_abs_diff"] == 0.0
+    record = load_checkpoint(out / "checkpoint").record
+    assert record.provenance.hardware is not None and record.provenance.hardware["processes"] == 2
+    assert record.metrics.heldout_crops is not None
+    assert record.metrics.heldout_crops["ddp_codebook_max_abs_diff"] == 0.0
     assert max(m["restarts"] for m in _metrics(out) if "restarts" in m) > 0  # restarts ran, synchronised
