@@ -16,11 +16,12 @@ import math
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from vqtok.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, pick_device
+from vqtok.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint, pick_device
 from vqtok.model.quantizer import perplexity_of
 from vqtok.model.vqvae import VQVAE
 
@@ -116,9 +117,10 @@ def _batches_of_equal_shape(images: Iterable[torch.Tensor], batch_size: int) -> 
         yield torch.stack(pending)
 
 
-def evaluate_spec(model: VQVAE, data: str, split: str = "heldout", crop: int | None = None,
+def evaluate_spec(model: VQVAE, data: Any, split: str = "heldout", crop: int | None = None,
                   batch_size: int = 16, seed: int = 0) -> tuple[dict, torch.Tensor]:
-    """Metrics of ``model`` on a data spec (see ``model.data.build_dataset``): full images or crops."""
+    """Metrics of ``model`` on a data spec or an opened source (see ``model.data.build_dataset``): full
+    images or crops."""
     from vqtok.model import data as datasets  # deferred: the photo sources import scikit-image lazily
 
     if crop is None:
@@ -127,8 +129,30 @@ def evaluate_spec(model: VQVAE, data: str, split: str = "heldout", crop: int | N
         dataset = datasets.build_dataset(data, crop, split, seed=seed)
         images = (dataset[i] for i in range(len(dataset)))
     metrics, counts = evaluate_images(model, images, batch_size)
-    metrics.update({"data": data, "split": split, "crop": crop})
+    metrics.update({"data": data if isinstance(data, str) else data.name, "split": split, "crop": crop})
     return metrics, counts
+
+
+def default_split(checkpoint: Checkpoint, data: str) -> tuple[Any, str, str]:
+    """(the source to evaluate, its split, why) when ``--split`` is left to ``auto``.
+
+    A folder the checkpoint was trained on: its held-out split under the run's own ``--heldout`` rule
+    (the images it never saw). Any other folder: every image (none was trained on). The photos and
+    CIFAR-10: their fixed held-out split.
+    """
+    from vqtok.model import data as datasets  # deferred: the photo sources import scikit-image lazily
+
+    source = datasets.open_source(data)
+    if not isinstance(source, datasets.FolderSource):
+        return source, "heldout", "the fixed held-out split"
+    provenance = checkpoint.record.provenance
+    trained_on = provenance.data if provenance is not None and isinstance(provenance.data, dict) else {}
+    if trained_on.get("kind") == "folder" and trained_on.get("source") == str(source.root.resolve()):
+        rule = (provenance.training or {}).get("heldout") if provenance is not None else None
+        if rule is None:  # a run from before --heldout: its recorded fraction
+            rule = str(trained_on.get("heldout_fraction", datasets.DEFAULT_HELDOUT_FRACTION))
+        return source.with_heldout(rule), "heldout", f"held-out split of the training folder (--heldout {rule})"
+    return source, "all", "every image: the checkpoint was not trained on this folder"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory")
     parser.add_argument("--data", default="photos", help="'photos', 'cifar10:DIR' or an image folder")
-    parser.add_argument("--split", default="heldout", choices=("train", "heldout", "all"))
+    parser.add_argument("--split", default="auto", choices=("auto", "train", "heldout", "all"),
+                        help="auto: a folder the checkpoint trained on -> its held-out images; another folder -> "
+                        "all of them; photos and cifar10 -> their held-out split")
     parser.add_argument("--crop", type=int, default=None,
                         help="evaluate on random N x N crops instead of full (padded) images")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -146,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(args.device)
         checkpoint = load_checkpoint(args.checkpoint, device)
-        metrics, _ = evaluate_spec(checkpoint.model, args.data, args.split, args.crop, args.batch_size)
+        data, split, why = args.data, args.split, "as asked"
+        if split == "auto":
+            data, split, why = default_split(checkpoint, args.data)
+        metrics, _ = evaluate_spec(checkpoint.model, data, split, args.crop, args.batch_size)
+        metrics.update({"data": args.data, "split_reason": why})
     except (ValueError, FileNotFoundError) as exc:
         print(f"vqtok evaluate: {exc}", file=sys.stderr)
         return 2
@@ -156,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(metrics))
     else:
         print(f"checkpoint  {checkpoint.path}  ({checkpoint.name}, model_id {checkpoint.model_id[:12]})")
-        print(f"data        {args.data} [{args.split}]  {metrics['images']} images"
+        print(f"data        {args.data} [{metrics['split']}: {why}]  {metrics['images']} images"
               + (f", {args.crop}x{args.crop} crops" if args.crop else ", full size"))
         print(f"MSE         {metrics['mse']:.6f}   NMSE {metrics['nmse']:.4f}   PSNR {metrics['psnr']:.2f} dB")
         print(f"perplexity  {metrics['perplexity']:.1f}   codes used {metrics['codes_used']}"

@@ -74,6 +74,8 @@ class TrainConfig:
       eval_every: steps between held-out evaluations (0: only at the end).
       checkpoint_every: steps between checkpoints (0: only at the end).
       num_workers: DataLoader worker processes.
+      heldout: an image folder's held-out split: a fraction ("0.05", "5%") or a count of images ("3"); with
+        two images or more each split keeps one. The photos and CIFAR-10 have fixed splits.
       heldout_crops: held-out crops evaluated during training.
       name: the model's name, recorded in the checkpoint.
     """
@@ -93,6 +95,7 @@ class TrainConfig:
     eval_every: int = 1000
     checkpoint_every: int = 1000
     num_workers: int = 0
+    heldout: str = "5%"
     heldout_crops: int = 256
     name: str = "vqtok"
 
@@ -102,6 +105,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "heldout_crops"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        datasets.parse_heldout(self.heldout)  # a ValueError naming --heldout
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.image_size % network.downsample:
@@ -309,11 +313,14 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.trainable = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
 
-        # The data spec is parsed and described once per run.
-        self.train_set = datasets.build_dataset(config.data, config.image_size, "train", seed=config.seed)
-        self.heldout_set = datasets.build_dataset(config.data, config.image_size, "heldout", seed=config.seed,
+        # The data spec is parsed once; both splits share its scan, and it is described once per run.
+        source = datasets.open_source(config.data)
+        if isinstance(source, datasets.FolderSource):
+            source = source.with_heldout(config.heldout)
+        self.train_set = datasets.build_dataset(source, config.image_size, "train", seed=config.seed)
+        self.heldout_set = datasets.build_dataset(source, config.image_size, "heldout", seed=config.seed,
                                                   length=config.heldout_crops)
-        self.data_description = datasets.describe(config.data, "train")
+        self.data_description = datasets.describe(source, "train")
         data_variance = datasets.data_variance(self.train_set)
         # Reconstruction MSE is in normalised units; NMSE divides by the data variance in those units.
         self.normalised_variance = data_variance / (sum(network.pixel_std) / len(network.pixel_std)) ** 2

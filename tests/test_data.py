@@ -555,3 +555,53 @@ def test_a_source_of_encoded_bytes_trains_and_evaluates_without_a_kind_switch() 
     resized = build_dataset(source, 8, "all", mode="resize")
     assert torch.equal(resized[1], resized[2])  # item 1 falls back to the next readable item
     _assert_image_tensor(resized[0], 8, 8)
+
+
+def test_heldout_rule_fraction_count_and_small_folders() -> None:
+    from vqtok.model.data import heldout_files, parse_heldout
+
+    files = tuple(f"img{i:02d}.png" for i in range(26))
+    assert parse_heldout("5%") == (0.05, None) and parse_heldout("0.2") == (0.2, None)
+    assert parse_heldout("3")[1] == 3 and parse_heldout("0") == (0.0, None)
+    for bad in ("-1", "1.5", "100%", "three", ""):
+        with pytest.raises(ValueError, match="--heldout"):
+            parse_heldout(bad)
+    assert len(heldout_files(files, 0.05)) >= 1  # 26 files at 5%: never an empty held-out split
+    assert len(heldout_files(files, 0.0)) == 0  # asked for none
+    assert len(heldout_files(files, 0.0, 3)) == 3
+    assert heldout_files(files, 0.0, 3) <= heldout_files(files, 0.0, 4)  # the count takes the lowest hashes
+    assert len(heldout_files(files[:2], 0.99)) == 1  # two files: one each way, never all held out
+    assert len(heldout_files(files[:2], 0.0, 5)) == 1
+    assert heldout_files(files[:1], 0.5, 1) == frozenset()  # one image trains
+    assert heldout_files(files, 0.05) == heldout_files(tuple(reversed(files)), 0.05)  # order does not matter
+
+
+def _small_folder(root: Path, count: int, astronaut: np.ndarray) -> Path:
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(np.ascontiguousarray(astronaut[i * 8 : i * 8 + 48, i * 8 : i * 8 + 48])).save(root / f"{i}.png")
+    return root
+
+
+def test_a_small_folder_trains_and_evaluate_picks_the_right_images(tmp_path: Path, astronaut: np.ndarray,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from vqtok.service.cli import main as vqtok
+
+    folder = _small_folder(tmp_path / "mine", 12, astronaut)
+    out = tmp_path / "run"
+    flags = ["--num-hiddens", "16", "--num-residual-hiddens", "8", "--embedding-dim", "8", "--num-embeddings", "16",
+             "--image-size", "16", "--batch-size", "4", "--heldout-crops", "4", "--steps", "3", "--eval-every", "0",
+             "--device", "cpu", "--data", str(folder), "--heldout", "2", "--out", str(out)]
+    assert vqtok(["train", *flags]) == 0
+    capsys.readouterr()
+    assert vqtok(["evaluate", "--checkpoint", str(out / "checkpoint"), "--data", str(folder), "--json"]) == 0
+    trained_on = json.loads(capsys.readouterr().out)
+    assert trained_on["images"] == 2 and trained_on["split"] == "heldout"  # the two it never saw
+    other = _small_folder(tmp_path / "other", 5, astronaut)
+    assert vqtok(["evaluate", "--checkpoint", str(out / "checkpoint"), "--data", str(other), "--json"]) == 0
+    elsewhere = json.loads(capsys.readouterr().out)
+    assert elsewhere["images"] == 5 and elsewhere["split"] == "all"  # none of them was trained on
+    assert vqtok(["train", *flags[:-4], "--heldout", "half", "--out", str(tmp_path / "x")]) == 2
+    assert "--heldout 'half': give a fraction" in capsys.readouterr().err

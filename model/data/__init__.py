@@ -55,8 +55,10 @@ from vqtok.model.data.folder import (
     FolderIndex,
     FolderScan,
     FolderSource,
+    heldout_files,
     index_folder,
     is_heldout_path,
+    parse_heldout,
     scan_folder,
 )
 from vqtok.model.data.photos import PHOTO_HELDOUT, PhotoSource, load_photo, load_photos, photo_names, photo_sources
@@ -117,6 +119,7 @@ __all__ = [
     "data_variance",
     "describe",
     "ensure_min_side",
+    "heldout_files",
     "index_folder",
     "is_heldout_path",
     "item_rng",
@@ -125,6 +128,7 @@ __all__ = [
     "load_photo",
     "load_photos",
     "open_source",
+    "parse_heldout",
     "parse_spec",
     "photo_names",
     "photo_sources",

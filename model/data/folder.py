@@ -31,8 +31,10 @@ __all__ = [
     "FolderIndex",
     "FolderScan",
     "FolderSource",
+    "heldout_files",
     "index_folder",
     "is_heldout_path",
+    "parse_heldout",
     "scan_folder",
 ]
 
@@ -40,23 +42,67 @@ log = logging.getLogger(__name__)
 
 #: Default expected fraction of a folder's files in the held-out split.
 DEFAULT_HELDOUT_FRACTION = 0.05
-SPLIT_RULE = "sha256(relative path)[:8] / 2**64 < heldout_fraction"
+SPLIT_RULE = ("sha256(relative path)[:8] / 2**64 < heldout_fraction, or the heldout_count lowest; with two files "
+              "or more each split keeps one")
 #: Number of folder states whose verification :func:`index_folder` remembers.
 INDEX_CACHE_SIZE = 8
 
 
-def is_heldout_path(relative_path: str, heldout_fraction: float) -> bool:
-    """Whether a file belongs to the held-out split.
-
-    A pure function of the POSIX relative path (SHA-256, first 8 bytes as a fraction of 2**64), so
-    a file keeps its split when other files are added, removed or the training seed changes.
-    """
+def _path_hash(relative_path: str) -> float:
+    """A file's place in [0, 1): SHA-256 of its POSIX relative path, first 8 bytes as a fraction of 2**64."""
     digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < heldout_fraction
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _in_split(relative_path: str, split: str, heldout_fraction: float) -> bool:
-    return split == "all" or is_heldout_path(relative_path, heldout_fraction) == (split == "heldout")
+def is_heldout_path(relative_path: str, heldout_fraction: float) -> bool:
+    """Whether a file's hash puts it in the held-out split of ``heldout_fraction``.
+
+    A pure function of the POSIX relative path, so a file keeps its split when other files are added,
+    removed or the training seed changes (``heldout_files`` adds the small-folder guarantees).
+    """
+    return _path_hash(relative_path) < heldout_fraction
+
+
+def parse_heldout(text: str | float | int) -> tuple[float, int | None]:
+    """``--heldout`` -> (fraction, count): ``"0.05"`` or ``"5%"`` is a fraction, ``"3"`` a count of images.
+
+    Raises:
+        ValueError: not a fraction in [0, 1), a percentage or a non-negative whole count.
+    """
+    raw = str(text).strip()
+    try:
+        if raw.endswith("%"):
+            fraction = float(raw[:-1]) / 100.0
+        elif raw.isdigit() and int(raw) >= 1:
+            return DEFAULT_HELDOUT_FRACTION, int(raw)
+        else:
+            fraction = float(raw)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"--heldout {raw!r}: give a fraction in [0, 1) ('0.05' or '5%') or a count of images ('3')")
+    return fraction, None
+
+
+def heldout_files(readable: tuple[str, ...], heldout_fraction: float, heldout_count: int | None = None
+                  ) -> frozenset[str]:
+    """The held-out files of a folder: by count, the ``heldout_count`` files of lowest hash; by fraction,
+    those whose hash is under ``heldout_fraction``. With two files or more, each split keeps at least
+    one file (a fraction that picks none holds out the lowest hash; the training split is never empty);
+    a single image trains."""
+    if len(readable) < 2:
+        return frozenset()  # one image: it trains
+    ranked = sorted(readable, key=_path_hash)
+    if heldout_count is not None:
+        return frozenset(ranked[: min(heldout_count, len(ranked) - 1)])
+    chosen = [rel for rel in ranked if is_heldout_path(rel, heldout_fraction)]
+    if not chosen and heldout_fraction > 0.0:
+        chosen = ranked[:1]
+    return frozenset(chosen[: len(ranked) - 1])
+
+
+def _in_split(relative_path: str, split: str, heldout: frozenset[str]) -> bool:
+    return split == "all" or (relative_path in heldout) == (split == "heldout")
 
 
 def _verify_image(path: Path) -> bool:
@@ -169,7 +215,8 @@ def scan_folder(
     check_split(split)
     _check_fraction(heldout_fraction)
     index = index_folder(root)
-    files = [index.root / rel for rel in index.readable if _in_split(rel, split, heldout_fraction)]
+    heldout = heldout_files(index.readable, heldout_fraction)
+    files = [index.root / rel for rel in index.readable if _in_split(rel, split, heldout)]
     return FolderScan(index.root, files, [index.root / rel for rel in index.skipped], len(index.readable))
 
 
@@ -209,13 +256,17 @@ class FolderSource(BaseSource):
         split: str = "all",
         heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
         *,
+        heldout_count: int | None = None,
         shared: _SharedIndex | None = None,
     ) -> None:
         super().__init__(split)
         _check_fraction(heldout_fraction)
+        if heldout_count is not None and heldout_count < 0:
+            raise ValueError(f"heldout_count must be >= 0, got {heldout_count}")
         self.root = Path(root)
         _require_dir(self.root)
         self.heldout_fraction = heldout_fraction
+        self.heldout_count = heldout_count
         self._shared = shared if shared is not None else _SharedIndex(self.root)
         self._files: list[Path] | None = None
 
@@ -240,8 +291,8 @@ class FolderSource(BaseSource):
     def files(self) -> list[Path]:
         """The readable images of the split, in walk (sorted) order."""
         if self._files is None:
-            split, fraction = self.split, self.heldout_fraction
-            self._files = [self.root / rel for rel in self.index.readable if _in_split(rel, split, fraction)]
+            heldout = heldout_files(self.index.readable, self.heldout_fraction, self.heldout_count)
+            self._files = [self.root / rel for rel in self.index.readable if _in_split(rel, self.split, heldout)]
         return self._files
 
     @property
@@ -250,7 +301,13 @@ class FolderSource(BaseSource):
         return [self.root / rel for rel in self.index.skipped]
 
     def with_split(self, split: str) -> Self:
-        return type(self)(self.root, split, self.heldout_fraction, shared=self._shared)
+        return type(self)(self.root, split, self.heldout_fraction, heldout_count=self.heldout_count,
+                          shared=self._shared)
+
+    def with_heldout(self, heldout: str | float | int) -> Self:
+        """The same folder (its scan reused) with a ``--heldout`` rule: a fraction or a count of images."""
+        fraction, count = parse_heldout(heldout)
+        return type(self)(self.root, self.split, fraction, heldout_count=count, shared=self._shared)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -292,5 +349,6 @@ class FolderSource(BaseSource):
             "num_images": len(self.files),
             "skipped": len(self.index.skipped),
             "heldout_fraction": self.heldout_fraction,
+            "heldout_count": self.heldout_count,
             "split_rule": SPLIT_RULE,
         }
