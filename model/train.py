@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -218,14 +219,56 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def save_reconstructions(path: Path, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
-    """A PNG grid: originals (B, 3, H, W) in the top row, reconstructions below, pixels in [0, 1]."""
-    def row(images: torch.Tensor) -> np.ndarray:
-        padded = F.pad(images, (1, 1, 1, 1), value=1.0)  # white 1-pixel border around each tile
-        return padded.permute(2, 0, 3, 1).reshape(padded.shape[2], -1, 3).cpu().numpy()
+FIGURE_MAX_SIDE = 768  # held-out images larger than this are shown (and measured) scaled down to it
 
-    grid = np.concatenate([row(originals), row(reconstructions)], axis=0)
-    Image.fromarray((grid * 255.0 + 0.5).clip(0, 255).astype(np.uint8)).save(path)
+
+def save_reconstructions(path: Path, shown: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+    """reconstructions.png: each held-out image at its own size, original left, reconstruction right,
+    under a label with its name, size and PSNR. ``shown``: (name, original, reconstruction), each
+    (3, H, W) in [0, 1]."""
+    from PIL import ImageDraw
+
+    label_height, gap = 18, 8
+    rows = []
+    for name, original, reconstruction in shown:
+        mse = float((reconstruction.double() - original.double()).pow(2).mean())
+        psnr = 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf")  # peak value 1.0
+        pair = torch.cat([original, torch.ones(3, original.shape[1], gap), reconstruction], dim=2)
+        pixels = (pair.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+        row = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + label_height), "white")
+        row.paste(Image.fromarray(pixels), (0, label_height))
+        height, width = original.shape[1:]
+        ImageDraw.Draw(row).text((2, 3), f"{name}  {width}x{height}  original | reconstruction  PSNR {psnr:.2f} dB",
+                                 fill="black")
+        rows.append(row)
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height + gap for r in rows)), "white")
+    top = 0
+    for row in rows:
+        canvas.paste(row, (0, top))
+        top += row.height + gap
+    canvas.save(path)
+
+
+def write_reconstructions(model: VQVAE, source: Any, path: Path, count: int = 4) -> None:
+    """reconstructions.png of up to ``count`` whole held-out images of a data spec or source."""
+    model.eval()
+    shown = []
+    for name, image in itertools.islice(datasets.iter_full_images(source, "heldout"), count):
+        original = _figure_size(image).to(model.device)
+        reconstruction, _ = reconstruct(model, original[None])
+        shown.append((name, original.cpu(), reconstruction[0].cpu()))
+    if shown:
+        save_reconstructions(path, shown)
+
+
+def _figure_size(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) scaled down (antialiased) so its longer side is at most ``FIGURE_MAX_SIDE``."""
+    height, width = image.shape[1:]
+    scale = FIGURE_MAX_SIDE / max(height, width)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def save_training_plot(path: Path, history: list[dict[str, Any]]) -> None:
@@ -317,6 +360,7 @@ class Trainer:
         source = datasets.open_source(config.data)
         if isinstance(source, datasets.FolderSource):
             source = source.with_heldout(config.heldout)
+        self.source = source
         self.train_set = datasets.build_dataset(source, config.image_size, "train", seed=config.seed)
         self.heldout_set = datasets.build_dataset(source, config.image_size, "heldout", seed=config.seed,
                                                   length=config.heldout_crops)
@@ -503,11 +547,7 @@ class Trainer:
         return str(read_checkpoint_record(self.checkpoint_dir).model_id)
 
     def _write_figures(self) -> None:
-        count = min(8, len(self.heldout_set))
-        originals = torch.stack([self.heldout_set[i] for i in range(count)]).to(self.model.device)
-        self.model.eval()
-        reconstructions, _ = reconstruct(self.model, originals)
-        save_reconstructions(self.out / "reconstructions.png", originals, reconstructions)
+        write_reconstructions(self.model, self.source, self.out / "reconstructions.png")
         if self.history:
             save_training_plot(self.out / "training.png", self.history)
 

@@ -61,6 +61,12 @@ def test_the_run_writes_a_loadable_checkpoint_and_figures(short_run: Path) -> No
     assert usage.codes_used == heldout["codes_used"] and usage.perplexity == pytest.approx(heldout["perplexity"])
     assert checkpoint.network.num_embeddings == 32
     assert checkpoint.codebook_training.dead_code_window == 10  # --dead-code-window reached the record
+    # The three held-out photos (chelsea 451x300, coffee 600x400, grace_hopper 512x600) at their own sizes,
+    # each beside its reconstruction under a label.
+    from PIL import Image
+
+    width, height = Image.open(short_run / "reconstructions.png").size
+    assert width >= 2 * 600 and height >= 300 + 400 + 600
     for figure in ("training.png", "reconstructions.png"):
         assert (short_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
