@@ -16,12 +16,13 @@ import math
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from vqtok.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint, pick_device
+from vqtok.model.options import add_config_arguments, config_from_args
 from vqtok.model.quantizer import perplexity_of
 from vqtok.model.vqvae import VQVAE
 
@@ -155,39 +156,61 @@ def default_split(checkpoint: Checkpoint, data: str) -> tuple[Any, str, str]:
     return source, "all", "every image: the checkpoint was not trained on this folder"
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What ``vqtok evaluate`` measures, and how (each field is a flag and a ``VQTOK_EVALUATE_*`` variable).
+
+    Attributes:
+      checkpoint: checkpoint directory.
+      data: 'photos', 'cifar10:DIR' or an image folder.
+      split: auto: a folder the checkpoint trained on -> its held-out images; another folder -> all of them;
+        photos and cifar10 -> their held-out split.
+      crop: evaluate on random N x N crops instead of full (padded) images.
+      batch_size: images per forward pass.
+      device: auto, cpu or cuda.
+      json: print one JSON object.
+    """
+
+    checkpoint: str = str(DEFAULT_CHECKPOINT)
+    data: str = "photos"
+    split: Literal["auto", "train", "heldout", "all"] = "auto"
+    crop: int | None = None
+    batch_size: int = 16
+    device: str = "auto"
+    json: bool = False
+
+
+EVALUATE_ENV_PREFIX = "VQTOK_EVALUATE_"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqtok evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory")
-    parser.add_argument("--data", default="photos", help="'photos', 'cifar10:DIR' or an image folder")
-    parser.add_argument("--split", default="auto", choices=("auto", "train", "heldout", "all"),
-                        help="auto: a folder the checkpoint trained on -> its held-out images; another folder -> "
-                        "all of them; photos and cifar10 -> their held-out split")
-    parser.add_argument("--crop", type=int, default=None,
-                        help="evaluate on random N x N crops instead of full (padded) images")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser, EvaluateConfig, EVALUATE_ENV_PREFIX, title="evaluation (env VQTOK_EVALUATE_*)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_from_args(EvaluateConfig, build_parser().parse_args(argv))
     try:
-        device = pick_device(args.device)
-        checkpoint = load_checkpoint(args.checkpoint, device)
-        data, split, why = args.data, args.split, "as asked"
+        device = pick_device(config.device)
+        checkpoint = load_checkpoint(config.checkpoint, device)
+        data, split, why = config.data, config.split, "as asked"
         if split == "auto":
-            data, split, why = default_split(checkpoint, args.data)
-        metrics, _ = evaluate_spec(checkpoint.model, data, split, args.crop, args.batch_size)
-        metrics.update({"data": args.data, "split_reason": why})
+            data, split, why = default_split(checkpoint, config.data)
+        metrics, _ = evaluate_spec(checkpoint.model, data, split, config.crop, config.batch_size)
+        metrics.update({"data": config.data, "split_reason": why})
     except (ValueError, FileNotFoundError) as exc:
         print(f"vqtok evaluate: {exc}", file=sys.stderr)
         return 2
     metrics["checkpoint"] = str(checkpoint.path)
     metrics["model_id"] = checkpoint.model_id
-    if args.json:
+    if config.json:
         print(json.dumps(metrics))
     else:
         print(f"checkpoint  {checkpoint.path}  ({checkpoint.name}, model_id {checkpoint.model_id[:12]})")
-        print(f"data        {args.data} [{metrics['split']}: {why}]  {metrics['images']} images"
-              + (f", {args.crop}x{args.crop} crops" if args.crop else ", full size"))
+        print(f"data        {config.data} [{metrics['split']}: {why}]  {metrics['images']} images"
+              + (f", {config.crop}x{config.crop} crops" if config.crop else ", full size"))
         print(f"MSE         {metrics['mse']:.6f}   NMSE {metrics['nmse']:.4f}   PSNR {metrics['psnr']:.2f} dB")
         print(f"perplexity  {metrics['perplexity']:.1f}   codes used {metrics['codes_used']}"
               f" / {metrics['num_embeddings']}")

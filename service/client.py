@@ -16,12 +16,15 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
+
+from vqtok.model.options import add_config_arguments, config_from_args  # light: neither torch nor pydantic-settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 NPY = "application/x-npy"
@@ -215,11 +218,65 @@ class AsyncVQTokClient:
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where the service is, for ``vqtok encode`` and ``vqtok decode`` (env ``VQTOK_URL``, ``VQTOK_API_KEY``,
+    ``VQTOK_TIMEOUT``: the service reads ``VQTOK_API_KEY`` too).
+
+    Attributes:
+      url: service URL.
+      api_key: bearer key.
+      timeout: seconds per request.
+    """
+
+    url: str = DEFAULT_URL
+    api_key: str | None = None
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """The options of ``vqtok encode`` (env ``VQTOK_ENCODE_*``).
+
+    Attributes:
+      size: target size 'N' or 'WxH'.
+      fit: how to reach the size (the service's default: pad).
+      offset: added to every token (LLM vocabulary placement).
+      bos: begin-of-image token.
+      eos: end-of-image token.
+      tokens: include the flat token sequence.
+      output: write the JSON answer here instead of printing grids.
+    """
+
+    size: str | None = None
+    fit: Literal["pad", "crop", "resize", "none"] | None = None
+    offset: int | None = None
+    bos: int | None = None
+    eos: int | None = None
+    tokens: bool = False
+    output: Path | None = None
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """The options of ``vqtok decode`` (env ``VQTOK_DECODE_*``).
+
+    Attributes:
+      output: image file; several grids write NAME-0.png, NAME-1.png, ...
+      format: default: from the output suffix, else png.
+    """
+
+    output: Path
+    format: Literal["png", "jpeg", "webp"] | None = None
+
+
+CLIENT_ENV_PREFIX = "VQTOK_"
+ENCODE_ENV_PREFIX = "VQTOK_ENCODE_"
+DECODE_ENV_PREFIX = "VQTOK_DECODE_"
+
+
 def _connection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("VQTOK_URL", DEFAULT_URL),
-                        help=f"service URL [env VQTOK_URL, default {DEFAULT_URL}]")
-    parser.add_argument("--api-key", default=os.environ.get("VQTOK_API_KEY"), help="bearer key [env VQTOK_API_KEY]")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    add_config_arguments(parser, ClientConfig, CLIENT_ENV_PREFIX, title="service connection (env VQTOK_*)")
 
 
 def _run(command: str, action: Any) -> int:
@@ -238,29 +295,38 @@ def _run(command: str, action: Any) -> int:
     return 0
 
 
-def encode_main(argv: list[str]) -> int:
-    """``vqtok encode IMAGE... [-o out.json]``: print each grid, or write the service's JSON."""
+def build_encode_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqtok encode", description="Encode images to token grids.")
     parser.add_argument("images", nargs="+", type=Path, help="image files")
-    parser.add_argument("--size", help="target size 'N' or 'WxH'")
-    parser.add_argument("--fit", choices=["pad", "crop", "resize", "none"], help="how to reach the size (pad)")
-    parser.add_argument("--offset", type=int, help="added to every token (LLM vocabulary placement)")
-    parser.add_argument("--bos", type=int, help="begin-of-image token")
-    parser.add_argument("--eos", type=int, help="end-of-image token")
-    parser.add_argument("--tokens", action="store_true", help="include the flat token sequence")
-    parser.add_argument("-o", "--output", type=Path, help="write the JSON answer here instead of printing grids")
+    add_config_arguments(parser, EncodeOptions, ENCODE_ENV_PREFIX, title="encoding (env VQTOK_ENCODE_*)",
+                         short={"output": "-o"})
     _connection_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def build_decode_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqtok decode", description="Decode token grids to images.")
+    parser.add_argument("tokens_file", type=Path, help="JSON from 'vqtok encode', or {indices} / {tokens, grid}")
+    add_config_arguments(parser, DecodeOptions, DECODE_ENV_PREFIX, title="decoding (env VQTOK_DECODE_*)",
+                         short={"output": "-o"})
+    _connection_args(parser)
+    return parser
+
+
+def encode_main(argv: list[str]) -> int:
+    """``vqtok encode IMAGE... [-o out.json]``: print each grid, or write the service's JSON."""
+    args = build_encode_parser().parse_args(argv)
+    connection, opts = config_from_args(ClientConfig, args), config_from_args(EncodeOptions, args)
 
     def action() -> None:
-        options = {"size": args.size, "fit": args.fit, "offset": args.offset, "bos": args.bos, "eos": args.eos,
-                   "tokens": True if args.tokens else None}
-        with VQTokClient(args.url, args.api_key, args.timeout) as client:
+        options = {"size": opts.size, "fit": opts.fit, "offset": opts.offset, "bos": opts.bos, "eos": opts.eos,
+                   "tokens": True if opts.tokens else None}
+        with VQTokClient(connection.url, connection.api_key, connection.timeout) as client:
             result = client.encode(args.images, **options)
         assert isinstance(result, dict)
-        if args.output is not None:
-            args.output.write_text(json.dumps(result) + "\n", encoding="utf-8")
-            print(f"wrote {len(result['images'])} grid(s) to {args.output}")
+        if opts.output is not None:
+            opts.output.write_text(json.dumps(result) + "\n", encoding="utf-8")
+            print(f"wrote {len(result['images'])} grid(s) to {opts.output}")
             return
         for path, image in zip(args.images, result["images"], strict=True):
             h, w = image["grid"]
@@ -291,27 +357,22 @@ def decode_requests(document: dict[str, Any]) -> dict[str, Any]:
 
 def decode_main(argv: list[str]) -> int:
     """``vqtok decode TOKENS.json -o out.png``: decode grids back to image files."""
-    parser = argparse.ArgumentParser(prog="vqtok decode", description="Decode token grids to images.")
-    parser.add_argument("tokens_file", type=Path, help="JSON from 'vqtok encode', or {indices} / {tokens, grid}")
-    parser.add_argument("-o", "--output", type=Path, required=True,
-                        help="image file; several grids write NAME-0.png, NAME-1.png, ...")
-    parser.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: from the output suffix, else png")
-    _connection_args(parser)
-    args = parser.parse_args(argv)
+    args = build_decode_parser().parse_args(argv)
+    connection, opts = config_from_args(ClientConfig, args), config_from_args(DecodeOptions, args)
 
     def action() -> None:
         request = decode_requests(json.loads(args.tokens_file.read_text(encoding="utf-8")))
-        suffix = args.output.suffix.lower().lstrip(".")
-        fmt = args.format or request.pop("format", None) or {"jpg": "jpeg"}.get(suffix, suffix)
+        suffix = opts.output.suffix.lower().lstrip(".")
+        fmt = opts.format or request.pop("format", None) or {"jpg": "jpeg"}.get(suffix, suffix)
         request["format"] = fmt if fmt in ("png", "jpeg", "webp") else "png"
-        with VQTokClient(args.url, args.api_key, args.timeout) as client:
+        with VQTokClient(connection.url, connection.api_key, connection.timeout) as client:
             result = client.decode(**request)
         if isinstance(result, bytes):
-            args.output.write_bytes(result)
-            print(f"wrote {args.output}")
+            opts.output.write_bytes(result)
+            print(f"wrote {opts.output}")
             return
         for i, data in enumerate(result):
-            path = args.output.with_name(f"{args.output.stem}-{i}{args.output.suffix}")
+            path = opts.output.with_name(f"{opts.output.stem}-{i}{opts.output.suffix}")
             path.write_bytes(data)
             print(f"wrote {path}")
 

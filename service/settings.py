@@ -1,6 +1,7 @@
 """Every knob of the service: one pydantic-settings class, read from ``VQTOK_*`` environment variables.
 
-The ``vqtok serve`` flags are generated from the same fields (``add_settings_arguments``), so a flag,
+The ``vqtok serve`` flags are generated from the same fields by the shared generator of every command
+(``vqtok.model.options.add_config_arguments``, wrapped here as ``add_settings_arguments``), so a flag,
 its environment variable and its default can never drift apart: ``--max-batch-size`` is
 ``VQTOK_MAX_BATCH_SIZE`` is ``Settings.max_batch_size``.
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vqtok.model.checkpoint import DEFAULT_CHECKPOINT
+from vqtok.model.options import add_config_arguments, config_from_args
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -140,32 +142,12 @@ class Settings(BaseSettings):
         return {name: getattr(self, name) for name in names}
 
 
-def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
-    """argparse ``type`` and ``choices`` for a field annotation (``X | None`` counts as ``X``)."""
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    if get_origin(annotation) is Literal:
-        return str, [str(a) for a in get_args(annotation)]
-    if args and len(args) == 1:
-        return _flag_type(args[0])
-    if annotation in (int, float, Path):
-        return annotation, None
-    return str, None
-
-
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per ``Settings`` field; unset flags stay absent so environment variables still apply."""
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        env = "VQTOK_" + name.upper()
-        help_text = f"{field.description} [env {env}]"
-        if field.annotation is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-            continue
-        flag_type, choices = _flag_type(field.annotation)
-        parser.add_argument(flag, type=flag_type, choices=choices, default=argparse.SUPPRESS, help=help_text)
+    """One ``--flag`` per ``Settings`` field (the shared generator); unset flags stay absent so the
+    ``VQTOK_*`` environment variables, read by ``Settings`` itself, still apply."""
+    add_config_arguments(parser, Settings, title="service settings (env VQTOK_*)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """``Settings`` from the environment, overridden by the flags given on the command line."""
-    overrides = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
-    return Settings(**overrides)
+    return config_from_args(Settings, args)
