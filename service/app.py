@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 from PIL import Image
 
@@ -47,6 +48,15 @@ def default_loader(settings: Settings) -> Engine:
     return Engine.load(settings.checkpoint, settings.device)
 
 
+def pixel_costs(downsample: int) -> dict[str, Callable[[torch.Tensor], int]]:
+    """What an item costs a forward pass, in pixels: an encode reads its (3, H, W) image, a decode writes
+    an (h*f, w*f) one for its (h, w) grid."""
+    return {
+        "encode": lambda pixels: pixels.shape[-2] * pixels.shape[-1],
+        "decode": lambda grid: grid.shape[-2] * grid.shape[-1] * downsample * downsample,
+    }
+
+
 def create_app(
     settings: Settings | None = None,
     loader: EngineLoader = default_loader,
@@ -70,6 +80,8 @@ def create_app(
                 max_queue_depth=settings.max_queue_depth,
                 observe_batch=metrics.observe_batch,
                 deadline_seconds=settings.request_timeout_s,
+                item_cost=pixel_costs(engine.config.downsample),
+                max_batch_cost=settings.max_batch_pixels,
             )
             state.engine, state.batcher = engine, batcher
             if settings.warmup:

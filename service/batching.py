@@ -1,11 +1,18 @@
 """The micro-batcher: concurrent requests share forward passes on one inference thread.
 
 Each request submits its items (one image (3, H, W) uint8 or one grid (h, w) int64 each) under an
-operation name. Items wait on an in-memory queue, grouped by (operation, shape); the dispatcher
-task takes the group whose oldest item has waited longest, once that item has waited ``max_wait``
-or the group holds ``max_batch_size`` items, stacks up to ``max_batch_size`` of them into one
-(B, ...) tensor and runs the operation on the single inference thread. While a batch runs, new
-items keep queueing, so under load batches fill without any waiting at all.
+operation name. Items wait on an in-memory queue, grouped by (operation, shape). Batching is
+continuous, as in text-embeddings-inference and Triton with no queue delay: batches run one at a
+time, and whenever the inference thread is free the dispatcher takes the group whose oldest item
+has waited longest and runs it at once, as it is. Items that arrive while a batch runs queue up and
+form the next batch, so under load batches fill without any waiting, and an idle service answers a
+lone request with no delay. ``max_wait_ms`` (0 by default) makes an idle dispatcher wait that long
+for company before a batch that is not yet full.
+
+A batch is bounded twice: at most ``max_batch_size`` items, and at most ``max_batch_cost`` in the
+operation's cost (pixels of the images an encode reads or a decode writes: TEI's
+``--max-batch-tokens``), so small images form large batches and large ones small batches; an item
+that alone exceeds the budget runs alone.
 
 The queue is bounded: a submission that would take it past ``max_queue_depth`` items is refused
 at once with ``QueueFull`` (429), never parked.
@@ -58,7 +65,7 @@ class BatchResult:
 
 
 class MicroBatcher:
-    """Groups same-shaped items from concurrent requests into batches of up to ``max_batch_size``."""
+    """Groups same-shaped items from concurrent requests into batches bounded by count and cost."""
 
     def __init__(
         self,
@@ -68,9 +75,13 @@ class MicroBatcher:
         max_queue_depth: int,
         observe_batch: BatchObserver | None = None,
         deadline_seconds: float | None = None,
+        item_cost: dict[str, Callable[[torch.Tensor], int]] | None = None,
+        max_batch_cost: int | None = None,
     ) -> None:
         self.operations = operations
         self.max_batch_size = max_batch_size
+        self.item_cost = item_cost or {}
+        self.max_batch_cost = max_batch_cost
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_depth = max_queue_depth
         self.observe_batch = observe_batch
@@ -191,29 +202,50 @@ class MicroBatcher:
                 oldest_key, oldest_time = key, items[0].enqueued
         return oldest_key
 
+    def _cost(self, operation: str, item: _Item) -> int:
+        cost = self.item_cost.get(operation)
+        return cost(item.tensor) if cost is not None else 0
+
+    def _is_full(self, key: tuple[str, tuple[int, ...]]) -> bool:
+        """The group holds a whole batch: ``max_batch_size`` items, or ``max_batch_cost`` of cost."""
+        items = self._groups[key]
+        if len(items) >= self.max_batch_size:
+            return True
+        # Items of one group share a shape, so they share a cost.
+        return self.max_batch_cost is not None and len(items) * self._cost(key[0], items[0]) >= self.max_batch_cost
+
     async def _wait_for_batch(self) -> tuple[str, tuple[int, ...]]:
-        """The key of the next group to run: its head has waited ``max_wait`` or the group is full."""
+        """The key of the next group to run. Called only when the inference thread is free.
+
+        The oldest group (by its head's arrival) runs at once when it is full or ``max_wait`` is 0 (or
+        has passed for it); while it waits for company, a full group may run first, so no group waits
+        longer than ``max_wait`` behind others and none starves.
+        """
         while True:
             key = self._oldest_group()
             if key is None:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if any(len(items) >= self.max_batch_size for items in self._groups.values()):
-                full = next(k for k, items in self._groups.items() if len(items) >= self.max_batch_size)
-                return full
             remaining = self._groups[key][0].enqueued + self.max_wait - time.perf_counter()
-            if remaining <= 0:
+            if remaining <= 0 or self._is_full(key):
                 return key
+            full = [k for k in self._groups if self._is_full(k)]
+            if full:
+                return min(full, key=lambda k: self._groups[k][0].enqueued)
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
 
     def _take(self, key: tuple[str, tuple[int, ...]]) -> list[_Item]:
-        """Up to ``max_batch_size`` live items from the group; cancelled ones are dropped."""
+        """Up to ``max_batch_size`` live items of the group within ``max_batch_cost`` (at least one);
+        cancelled ones are dropped."""
         queue = self._groups[key]
         taken: list[_Item] = []
+        cost = self._cost(key[0], queue[0]) if queue else 0
         while queue and len(taken) < self.max_batch_size:
+            if taken and self.max_batch_cost is not None and (len(taken) + 1) * cost > self.max_batch_cost:
+                break
             item = queue.popleft()
             self._depth -= 1
             if not item.future.done():

@@ -49,7 +49,14 @@ class Settings(BaseSettings):
         None, description="when set, every endpoint but /health, /ready and /metrics needs 'Authorization: Bearer KEY'"
     )
     max_batch_size: int = Field(16, ge=1, le=1024, description="images or grids per forward pass")
-    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a request waits for others to batch with")
+    max_wait_ms: float = Field(
+        0.0, ge=0.0, le=1000.0, description="how long an idle model waits for company before a batch that is not "
+        "full (0: continuous batching, run at once; requests that arrive during a batch form the next one)"
+    )
+    max_batch_pixels: int = Field(
+        1_048_576, ge=1, description="pixels per forward pass (the images an encode reads or a decode writes; "
+        "16 x 256x256 by default): small images batch wide, large ones narrow; a larger item runs alone"
+    )
     max_queue_depth: int = Field(
         256, ge=1, description="images/grids waiting for the model; past it requests fail fast with 429"
     )
@@ -134,7 +141,7 @@ class Settings(BaseSettings):
     def limits(self) -> dict[str, Any]:
         """The request limits and batching knobs, as /info publishes them."""
         names = (
-            "max_batch_size", "max_wait_ms", "max_queue_depth", "max_body_bytes", "max_pixels",
+            "max_batch_size", "max_wait_ms", "max_batch_pixels", "max_queue_depth", "max_body_bytes", "max_pixels",
             "max_images_per_request", "max_tokens_per_grid", "default_size", "max_tokens_per_request",
             "max_decode_pixels", "decode_wait_s", "max_concurrent_requests",
             "body_timeout_s", "request_timeout_s", "drain_timeout_s",

@@ -116,3 +116,62 @@ async def test_shutdown_fails_waiting_requests_with_503(tiny_checkpoint) -> None
         results = await asyncio.gather(*waiting, return_exceptions=True)
     errors = [r for r in results if isinstance(r, Exception)]
     assert errors and all(type(e).__name__ == "NotReady" for e in errors)
+
+
+def _recording_batcher(max_wait_ms: float = 0.0, max_batch_cost: int | None = None):  # type: ignore[no-untyped-def]
+    """A MicroBatcher over a stand-in operation that records each batch's size (and can be held)."""
+    from vqtok.service.app import pixel_costs
+    from vqtok.service.batching import MicroBatcher
+
+    sizes: list[int] = []
+    gate = threading.Event()
+    gate.set()
+
+    def operation(batch: torch.Tensor) -> torch.Tensor:
+        gate.wait(10)
+        sizes.append(batch.shape[0])
+        return batch.sum(dim=(1, 2, 3))
+
+    batcher = MicroBatcher({"encode": operation}, max_batch_size=16, max_wait_ms=max_wait_ms, max_queue_depth=64,
+                           item_cost=pixel_costs(4), max_batch_cost=max_batch_cost)
+    return batcher, sizes, gate
+
+
+async def test_an_idle_batcher_runs_a_lone_item_at_once() -> None:
+    """Continuous batching: with the model free, a lone item does not wait for company (max_wait 0)."""
+    batcher, sizes, _ = _recording_batcher(max_wait_ms=0.0)
+    batcher.start()
+    try:
+        result = await asyncio.wait_for(batcher.submit("encode", [torch.ones(3, 8, 8)]), timeout=5)
+    finally:
+        await batcher.stop()
+    assert sizes == [1] and result.batch_sizes == [1]
+    waiting, waiting_sizes, _ = _recording_batcher(max_wait_ms=10_000.0)  # asked to wait for company: it waits
+    waiting.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiting.submit("encode", [torch.ones(3, 8, 8)])), timeout=0.3)
+        assert waiting_sizes == []
+    finally:
+        await waiting.stop()
+
+
+async def test_batches_are_bounded_by_pixels_as_well_as_count() -> None:
+    """Items queued while a batch runs form the next batches, at most max_batch_pixels each."""
+    batcher, sizes, gate = _recording_batcher(max_batch_cost=3 * 32 * 32)
+    batcher.start()
+    try:
+        gate.clear()
+        first = asyncio.create_task(batcher.submit("encode", [torch.ones(3, 32, 32)]))
+        while not batcher.busy:
+            await asyncio.sleep(0.005)
+        small = [asyncio.create_task(batcher.submit("encode", [torch.ones(3, 32, 32)])) for _ in range(8)]
+        large = [asyncio.create_task(batcher.submit("encode", [torch.ones(3, 64, 64)])) for _ in range(2)]
+        while batcher.depth < 10:
+            await asyncio.sleep(0.005)
+        gate.set()
+        await asyncio.gather(first, *small, *large)
+    finally:
+        await batcher.stop()
+    # 1 (held), then the 32x32 items three at a time (3 x 1,024 pixels), each 64x64 (4,096 > budget) alone.
+    assert sizes == [1, 3, 3, 2, 1, 1], sizes
