@@ -6,7 +6,8 @@ flag ``--some-name`` and the environment variable ``{prefix}SOME_NAME``; the fla
 documentation followed by ``[env {prefix}SOME_NAME; default ...]``. Precedence: flag > environment variable >
 the class's default. ``bool`` fields are ``--name`` / ``--no-name``; ``Literal`` fields have choices;
 ``X | None`` counts as ``X``; ``tuple[float, ...]`` fields take several values (comma-separated in the
-environment). A field without a default is a required flag, unless its environment variable is set.
+environment); ``list[X]`` fields are repeatable flags (comma-separated in the environment). A field without
+a default is a required flag, unless its environment variable is set.
 
 Dataclasses and plain pydantic models read the environment here, when the flags are added. A pydantic-settings
 class reads its environment itself (its ``env_prefix``), so its flags are only added when given.
@@ -66,6 +67,9 @@ def _converter(annotation: Any) -> tuple[Any, Any]:
         return type(choices[0]), choices
     if origin is tuple:
         return float, None
+    if origin is list:  # a repeatable flag: each value parsed as the element type
+        (element,) = typing.get_args(annotation) or (str,)
+        return _converter(element)
     if annotation is bool:
         return _parse_bool, None
     if annotation in (int, float, str, Path):
@@ -162,6 +166,9 @@ def _show(default: Any) -> str:
 def _from_text(annotation: Any, text: str) -> Any:
     if typing.get_origin(_unwrap_optional(annotation)) is tuple:
         return tuple(float(v) for v in text.split(","))
+    if typing.get_origin(_unwrap_optional(annotation)) is list:
+        parse, _ = _converter(annotation)
+        return [parse(v.strip()) for v in text.split(",") if v.strip()]
     parse, choices = _converter(annotation)
     value = parse(text)
     if choices is not None and value not in choices:
@@ -208,9 +215,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix:
             group.add_argument(*options, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(annotation) is tuple:
             group.add_argument(*options, type=float, nargs="+", **kwargs)
+        elif typing.get_origin(annotation) is list:  # repeat the flag; it replaces the environment's list
+            parse, choices = _converter(annotation)
+            if not reads_env_itself:
+                kwargs["default"] = None if kwargs.get("default") is None else list(kwargs["default"])
+            group.add_argument(*options, type=parse, choices=choices, action=_ReplaceAppend, **kwargs)
         else:
             parse, choices = _converter(annotation)
             group.add_argument(*options, type=parse, choices=choices, **kwargs)
+
+
+class _ReplaceAppend(argparse.Action):
+    """``append``, except that the first value given replaces the default (the environment's list)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        seen = getattr(namespace, "_given_lists", set())
+        items = list(getattr(namespace, self.dest, None) or []) if self.dest in seen else []
+        items.append(values)
+        seen.add(self.dest)
+        namespace._given_lists = seen  # type: ignore[attr-defined]
+        setattr(namespace, self.dest, items)
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:

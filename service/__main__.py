@@ -8,7 +8,8 @@ import sys
 
 from pydantic import ValidationError
 
-from vqtok.model.checkpoint import pick_device, verify_checkpoint
+from vqtok.model.checkpoint import pick_device, read_checkpoint_record, verify_checkpoint
+from vqtok.service.layouts import build_registry, one_line
 from vqtok.service.settings import add_settings_arguments, settings_from_args
 
 
@@ -35,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     try:  # fail before binding a port, with a message naming the problem
         pick_device(settings.device)
         verify_checkpoint(settings.checkpoint)  # every check that needs no model: record, config, hash, tensors
+        # The token layouts: presets for the checkpoint's K plus layout_files (LayoutError is a ValueError).
+        build_registry(settings, read_checkpoint_record(settings.checkpoint).network.num_embeddings)
     except ValueError as exc:  # CheckpointError is a ValueError
-        print(f"vqtok serve: {exc}", file=sys.stderr)
+        print(f"vqtok serve: {one_line(str(exc))}", file=sys.stderr)
         return 2
 
     from vqtok.service.server import serve

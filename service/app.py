@@ -20,13 +20,15 @@ import torch
 from fastapi import FastAPI
 from PIL import Image
 
+from vqtok.model.layouts import LayoutError
 from vqtok.service import __version__
 from vqtok.service.batching import MicroBatcher
 from vqtok.service.engine import Engine
 from vqtok.service.handlers import install_error_handlers
+from vqtok.service.layouts import build_registry, one_line
 from vqtok.service.metrics import ServiceMetrics
 from vqtok.service.middleware import AdmissionMiddleware, MetricsMiddleware, RequestBodyMiddleware
-from vqtok.service.routers import OPENAPI_TAGS, codebook, decode, encode, health, info
+from vqtok.service.routers import OPENAPI_TAGS, codebook, decode, encode, health, info, layouts
 from vqtok.service.settings import Settings
 from vqtok.service.state import ServiceState
 
@@ -38,7 +40,8 @@ DESCRIPTION = """\
 VQ-VAE image tokenizer. `POST /encode` turns images into `h x w` grids of codebook indices,
 `POST /decode` turns grids (or an LLM's flat token sequence) back into images.
 
-- `indices` are always raw codes in `[0, K)`; `tokens` = `[bos] + (row-major indices + offset) + [eos]`.
+- `indices` are always raw codes in `[0, K)`; `tokens` = `[bos] + (row-major indices + offset) + [eos]`
+  (the `flat` layout), or the sequence of another token layout (`layout=NAME`; `GET /layouts` lists them).
 - Errors: `{"error": "...", "error_type": "..."}` with 400/401/404/405/406/408/413/415/422/429/503/504.
 - Timing headers: `x-queue-time-ms`, `x-inference-time-ms`, `x-total-time-ms`, `x-batch-size`.
 """
@@ -73,6 +76,10 @@ def create_app(
     async def load_and_warm_up() -> None:
         try:
             engine = await asyncio.to_thread(loader, settings)
+            try:
+                state.layouts = build_registry(settings, engine.config.num_embeddings)
+            except LayoutError as exc:
+                raise RuntimeError(one_line(str(exc))) from None
             batcher = MicroBatcher(
                 {"encode": engine.encode_batch, "decode": engine.decode_batch},
                 max_batch_size=settings.max_batch_size,
@@ -126,7 +133,7 @@ def create_app(
     )
     app.state.service = state
     install_error_handlers(app)
-    for router in (health.router, encode.router, decode.router, codebook.router, info.router):
+    for router in (health.router, encode.router, decode.router, codebook.router, info.router, layouts.router):
         app.include_router(router)
     # add_middleware wraps outside-in in reverse order: metrics sees every answer (401, 413, 429 included),
     # admission decides from headers before the body middleware reads a byte.

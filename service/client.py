@@ -103,11 +103,14 @@ def _json_or_array(response: httpx.Response, as_numpy: bool) -> dict[str, Any] |
 def decode_body(
     indices: Any = None, tokens: Any = None, grid: Sequence[int] | None = None, offset: int = 0,
     bos: int | None = None, eos: int | None = None, format: str = "png",
-    crop_to: dict[str, int] | list[dict[str, int]] | None = None,
+    crop_to: dict[str, int] | list[dict[str, int]] | None = None, layout: str | None = None,
+    repair: str | None = None, pad: str | int | None = None, extract: bool | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of one /decode call (None fields left out)."""
+    """The JSON body of one /decode call (None fields left out). ``layout``/``repair``/``pad``/``extract`` read
+    ``tokens`` in a token layout (see /docs)."""
     body = {"indices": indices, "tokens": tokens, "grid": list(grid) if grid else None, "offset": offset,
-            "bos": bos, "eos": eos, "format": format, "crop_to": crop_to}
+            "bos": bos, "eos": eos, "format": format, "crop_to": crop_to, "layout": layout, "repair": repair,
+            "pad": pad, "extract": extract}
     return {k: v for k, v in body.items() if v is not None}
 
 
@@ -145,6 +148,11 @@ def _codebook_request(vectors: bool, as_numpy: bool) -> dict[str, Any]:
     return {"params": {"include": "vectors"} if vectors else {}, "headers": {"accept": NPY} if as_numpy else {}}
 
 
+def _allowed_body(prefix: Sequence[int], grid: Sequence[int] | None) -> dict[str, Any]:
+    ids = prefix.tolist() if isinstance(prefix, np.ndarray) else [int(i) for i in prefix]
+    return {"prefix": ids, **({"grid": [int(grid[0]), int(grid[1])]} if grid is not None else {})}
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -161,7 +169,7 @@ class VQTokClient:
         """Images (paths, file bytes, PIL images or uint8 arrays) -> the /encode JSON, or an (N, h, w) array
         with ``as_numpy``.
 
-        ``options``: size, fit, offset, bos, eos, tokens (see /docs).
+        ``options``: size, fit, offset, bos, eos, tokens, layout (see /docs).
         """
         return _json_or_array(self._http.post("/encode", **_encode_request(images, options, as_numpy)), as_numpy)
 
@@ -174,6 +182,15 @@ class VQTokClient:
     def codebook(self, vectors: bool = False, as_numpy: bool = False) -> dict[str, Any] | np.ndarray:
         response = self._http.get("/codebook", **_codebook_request(vectors, as_numpy))
         return _json_or_array(response, as_numpy)
+
+    def layouts(self) -> dict[str, Any]:
+        """``GET /layouts``: ``{"default": name, "layouts": {name: spec}}``."""
+        return _json_or_array(self._http.get("/layouts"), False)  # type: ignore[return-value]
+
+    def allowed(self, layout: str, prefix: Sequence[int], grid: Sequence[int] | None = None) -> list[int]:
+        """``POST /layouts/{layout}/allowed``: the ids that may follow ``prefix``."""
+        response = self._http.post(f"/layouts/{layout}/allowed", json=_allowed_body(prefix, grid))
+        return _json_or_array(response, False)["allowed"]  # type: ignore[index]
 
     def close(self) -> None:
         self._http.close()
@@ -204,6 +221,13 @@ class AsyncVQTokClient:
     async def codebook(self, vectors: bool = False, as_numpy: bool = False) -> dict[str, Any] | np.ndarray:
         response = await self._http.get("/codebook", **_codebook_request(vectors, as_numpy))
         return _json_or_array(response, as_numpy)
+
+    async def layouts(self) -> dict[str, Any]:
+        return _json_or_array(await self._http.get("/layouts"), False)  # type: ignore[return-value]
+
+    async def allowed(self, layout: str, prefix: Sequence[int], grid: Sequence[int] | None = None) -> list[int]:
+        response = await self._http.post(f"/layouts/{layout}/allowed", json=_allowed_body(prefix, grid))
+        return _json_or_array(response, False)["allowed"]  # type: ignore[index]
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -245,6 +269,7 @@ class EncodeOptions:
       bos: begin-of-image token.
       eos: end-of-image token.
       tokens: include the flat token sequence.
+      layout: token layout of the tokens (a preset or a layout the server loaded; GET /layouts).
       output: write the JSON answer here instead of printing grids.
     """
 
@@ -254,6 +279,7 @@ class EncodeOptions:
     bos: int | None = None
     eos: int | None = None
     tokens: bool = False
+    layout: str | None = None
     output: Path | None = None
 
 
@@ -264,10 +290,14 @@ class DecodeOptions:
     Attributes:
       output: image file; several grids write NAME-0.png, NAME-1.png, ...
       format: default: from the output suffix, else png.
+      layout: token layout of the tokens (default: the file's, else the server's).
+      repair: strict (default: any deviation from the layout is an error) or lenient (repair and report).
     """
 
     output: Path
     format: Literal["png", "jpeg", "webp"] | None = None
+    layout: str | None = None
+    repair: Literal["strict", "lenient"] | None = None
 
 
 CLIENT_ENV_PREFIX = "VQTOK_"
@@ -320,7 +350,7 @@ def encode_main(argv: list[str]) -> int:
 
     def action() -> None:
         options = {"size": opts.size, "fit": opts.fit, "offset": opts.offset, "bos": opts.bos, "eos": opts.eos,
-                   "tokens": True if opts.tokens else None}
+                   "tokens": True if opts.tokens else None, "layout": opts.layout}
         with VQTokClient(connection.url, connection.api_key, connection.timeout) as client:
             result = client.encode(args.images, **options)
         assert isinstance(result, dict)
@@ -334,7 +364,8 @@ def encode_main(argv: list[str]) -> int:
             for row in image["indices"]:
                 print(" ".join(str(v) for v in row))
             if image.get("tokens") is not None:
-                print("tokens:", " ".join(str(v) for v in image["tokens"]))
+                label = f"tokens ({result['layout']})" if result.get("layout") else "tokens"
+                print(f"{label}:", " ".join(str(v) for v in image["tokens"]))
 
     return _run("encode", action)
 
@@ -350,7 +381,8 @@ def decode_requests(document: dict[str, Any]) -> dict[str, Any]:
         return {"indices": [image["indices"] for image in images],
                 "crop_to": [image.get("content_size") for image in images]}
     if "indices" in document or "tokens" in document:
-        keys = ("indices", "tokens", "grid", "offset", "bos", "eos", "crop_to", "format")
+        keys = ("indices", "tokens", "grid", "offset", "bos", "eos", "crop_to", "format", "layout", "repair", "pad",
+                "extract")
         return {k: document[k] for k in keys if k in document}
     raise ValueError("expected the JSON of 'vqtok encode', or an object with 'indices' or 'tokens' and 'grid'")
 
@@ -362,6 +394,8 @@ def decode_main(argv: list[str]) -> int:
 
     def action() -> None:
         request = decode_requests(json.loads(args.tokens_file.read_text(encoding="utf-8")))
+        if "tokens" in request:  # the layout options read tokens ('indices' are raw codes, in no layout)
+            request.update({k: v for k, v in (("layout", opts.layout), ("repair", opts.repair)) if v is not None})
         suffix = opts.output.suffix.lower().lstrip(".")
         fmt = opts.format or request.pop("format", None) or {"jpg": "jpeg"}.get(suffix, suffix)
         request["format"] = fmt if fmt in ("png", "jpeg", "webp") else "png"

@@ -145,7 +145,7 @@ class DecodeInput:
     single: bool  # one grid sent bare (not in a list): answered with the image file itself
 
 
-def _crop_sizes(crop_to: ImageSize | list[ImageSize] | None, count: int) -> list[Size | None]:
+def crop_sizes(crop_to: ImageSize | list[ImageSize] | None, count: int) -> list[Size | None]:
     if crop_to is None:
         return [None] * count
     if isinstance(crop_to, ImageSize):
@@ -166,14 +166,17 @@ def parse_decode(body: DecodeRequest, max_grids: int) -> DecodeInput:
         shapes = [(len(rows), len(rows[0])) if rows and isinstance(rows[0], list) and rows[0] else None
                   for rows in sources]
     else:
-        assert body.tokens is not None and body.grid is not None
+        assert body.tokens is not None
         single = not body.tokens or not isinstance(body.tokens[0], list)
         sources = [body.tokens] if single else list(body.tokens)
         names = ["tokens"] if single else [f"tokens[{i}]" for i in range(len(sources))]
         check_count(len(sources), max_grids, "token sequences")
-        h, w = body.grid
-        shapes = [(h, w) if h >= 1 and w >= 1 else None] * len(sources)
-    return DecodeInput(sources, names, shapes, _crop_sizes(body.crop_to, len(sources)), single)
+        if body.grid is None:  # a layout infers each grid: the limits are checked once it has
+            shapes: list[tuple[int, int] | None] = [None] * len(sources)
+        else:
+            h, w = body.grid
+            shapes = [(h, w) if h >= 1 and w >= 1 else None] * len(sources)
+    return DecodeInput(sources, names, shapes, crop_sizes(body.crop_to, len(sources)), single)
 
 
 def build_grids(body: DecodeRequest, grids: DecodeInput, num_embeddings: int, max_tokens: int) -> list[np.ndarray]:

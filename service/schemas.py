@@ -72,6 +72,12 @@ class ImageSize(BaseModel):
     height: JsonInt = Field(ge=1)
 
 
+# A loaded layout's name (GET /layouts): a preset or a layout file's `name`.
+LayoutName = Annotated[str, Field(min_length=1, max_length=200)]
+RepairPolicy = Literal["strict", "lenient"]
+GridSide = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
+
+
 class EncodeOptions(BaseModel):
     """Options of ``POST /encode``, as query parameters, multipart form fields or JSON body fields."""
 
@@ -93,7 +99,11 @@ class EncodeOptions(BaseModel):
     )
     bos: TokenId | None = Field(None, description="begin-of-image id put before `tokens`")
     eos: TokenId | None = Field(None, description="end-of-image id put after `tokens`")
-    tokens: bool = Field(False, description="include `tokens` (implied by offset, bos or eos)")
+    tokens: bool = Field(False, description="include `tokens` (implied by offset, bos, eos or layout)")
+    layout: LayoutName | None = Field(
+        None, description="token layout of `tokens` (GET /layouts lists the loaded ones; default: the server's "
+        "`layout` setting). offset/bos/eos are the `flat` layout's: with another layout they are refused",
+    )
 
     @property
     def want_tokens(self) -> bool:
@@ -127,7 +137,8 @@ class EncodedImage(BaseModel):
         description="top-left region of the encoded image holding the picture; send it as /decode crop_to"
     )
     tokens: list[int] | None = Field(
-        None, description="flat row-major sequence: [bos] + (indices + offset) + [eos]; present when asked for"
+        None, description="the grid as an LLM reads it: with the flat layout [bos] + (indices + offset) + [eos], "
+        "else the sequence of `layout`; present when asked for (or a layout is in use)"
     )
 
 
@@ -137,6 +148,8 @@ class EncodeResponse(BaseModel):
     offset: int
     bos: int | None
     eos: int | None
+    layout: str | None = Field(None, description="the layout of `tokens`, when a layout was asked for or is the "
+                                                 "server's default (absent: today's flat offset/bos/eos tokens)")
     images: list[EncodedImage]
 
 
@@ -154,19 +167,23 @@ def _one_grid_source(schema: dict[str, Any]) -> None:
         for branch in node.get("anyOf", []):
             non_empty(branch)
 
-    for name in ("indices", "tokens", "grid"):
+    for name in ("indices", "tokens", "grid", "layout"):
         field = schema["properties"][name]
         field["anyOf"] = [branch for branch in field["anyOf"] if branch.get("type") != "null"]
         field.pop("default", None)
         non_empty(field)
     schema["oneOf"] = [
-        {"required": ["indices"], "not": {"required": ["tokens"]}},
-        {"required": ["tokens", "grid"], "not": {"required": ["indices"]}},
+        {"required": ["indices"], "not": {"anyOf": [{"required": ["tokens"]}, {"required": ["layout"]},
+                                                     {"required": ["extract"]}, {"required": ["repair"]},
+                                                     {"required": ["pad"]}]}},
+        {"required": ["tokens"], "not": {"required": ["indices"]},
+         "anyOf": [{"required": ["grid"]}, {"required": ["layout"]}]},
     ]
 
 
 class DecodeRequest(BaseModel):
-    """``POST /decode``: one or several grids as ``indices``, or as flat ``tokens`` with their ``grid``."""
+    """``POST /decode``: one or several grids as ``indices``, or as ``tokens`` (with their ``grid``, or a
+    ``layout`` that carries it)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _one_grid_source(schema))
 
@@ -177,7 +194,10 @@ class DecodeRequest(BaseModel):
         None, description="one flat sequence (or a list of them) as an LLM produced it; a leading `bos` and a "
         "trailing `eos` are stripped when present, then `offset` is subtracted",
     )
-    grid: tuple[JsonInt, JsonInt] | None = Field(None, description="[h, w] of every `tokens` sequence")
+    grid: tuple[JsonInt, JsonInt] | None = Field(
+        None, description="[h, w] of every `tokens` sequence; with a layout that carries the shape (size prefix, "
+        "end-of-row ids, a fixed grid) it may be left out"
+    )
     offset: JsonTokenId = 0
     bos: JsonTokenId | None = None
     eos: JsonTokenId | None = None
@@ -187,14 +207,45 @@ class DecodeRequest(BaseModel):
         None, description="the content_size /encode reported (one for all grids, or one per grid): "
         "the decoded image is cropped to its top-left region of that size",
     )
+    layout: LayoutName | None = Field(
+        None, description="the layout of `tokens` (GET /layouts; default: the server's `layout` setting); "
+        "offset/bos/eos are the flat layout's and are refused with another one",
+    )
+    repair: RepairPolicy = Field(
+        "strict", description="strict: any deviation from the layout is a 422 naming the position; lenient: "
+        "missing structure ids, short or long rows, a sequence cut short, stray or extra ids are repaired and "
+        "reported (`repairs` in JSON, x-vqtok-repairs headers on an image answer)",
+    )
+    pad: Literal["repeat_last_row"] | JsonTokenId = Field(
+        "repeat_last_row", description="lenient: what fills missing cells: repeat the row above, or a code in [0, K)"
+    )
+    extract: StrictBool = Field(
+        False, description="decode every begin..end-of-image span of a mixed sequence (text ids around); the "
+        "answer is JSON with each image's `span` in its sequence"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DecodeRequest:
         if (self.indices is None) == (self.tokens is None):
             raise ValueError("give exactly one of 'indices' or 'tokens'")
-        if self.tokens is not None and self.grid is None:
-            raise ValueError("'tokens' needs 'grid': [h, w]")
-        return self
+        if self.indices is not None:
+            given = [name for name in ("layout", "extract", "repair", "pad") if name in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with 'tokens' ('indices' are raw codes, in no layout)")
+        return self  # 'tokens' without 'grid': the handler asks for it unless the layout carries the grid
+
+    @property
+    def flat_framing(self) -> bool:
+        """offset, bos or eos given: the request speaks the flat layout."""
+        return self.offset != 0 or self.bos is not None or self.eos is not None
+
+
+class RepairInfo(BaseModel):
+    """One change lenient decoding made to a token sequence."""
+
+    position: int = Field(description="index in the sequence (for a missing id: where it was assumed)")
+    kind: Literal["missing", "short_row", "cut_short", "long_row", "replaced", "unexpected", "extra", "size"]
+    detail: str
 
 
 class DecodedImage(BaseModel):
@@ -203,13 +254,41 @@ class DecodedImage(BaseModel):
     width: int
     height: int
     grid: tuple[int, int]
+    repairs: list[RepairInfo] | None = Field(None, description="with a layout: what lenient decoding repaired "
+                                                               "(empty: nothing)")
+    sequence: int | None = Field(None, description="extract: the index of the `tokens` sequence holding the image")
+    span: tuple[int, int] | None = Field(None, description="extract: [start, end) of the image in its sequence")
 
 
 class DecodeResponse(BaseModel):
     """Several grids: JSON with base64 images (one grid answers with the image bytes themselves)."""
 
     model: ModelIdentity
+    layout: str | None = Field(None, description="the layout the tokens were read with (absent: flat offset/bos/eos)")
     images: list[DecodedImage]
+
+
+class LayoutsResponse(BaseModel):
+    """``GET /layouts``: every loaded layout's spec, by name."""
+
+    default: str = Field(description="the layout used when a request names none")
+    layouts: dict[str, dict[str, Any]] = Field(description="name -> the layout's spec (the layout file's JSON)")
+
+
+class AllowedRequest(BaseModel):
+    """``POST /layouts/{name}/allowed``: the layout's sequence so far, from its first token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: list[WireInt] = Field(description="the ids generated so far (the layout's first token first)")
+    grid: tuple[GridSide, GridSide] | None = Field(
+        None, description="[h, w] of the image to generate; default: the layout's fixed grid, or the grid the "
+        "size prefix in `prefix` names"
+    )
+
+
+class AllowedResponse(BaseModel):
+    allowed: list[int] = Field(description="the ids that may come next, ascending (empty: the image is complete)")
 
 
 class CodebookResponse(BaseModel):
@@ -235,6 +314,8 @@ class InfoResponse(BaseModel):
     device: str
     dtype: str = Field(description="compute dtype of the convolutions (the quantizer always runs in float32)")
     limits: dict[str, Any]
+    layout: str = Field(description="the default token layout (GET /layouts lists them all)")
+    layouts: list[str] = Field(description="the names of the loaded layouts")
     auth: bool = Field(description="whether an API key is required")
     version: str
     ready: bool

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from vqtok.model.checkpoint import DEFAULT_CHECKPOINT
 from vqtok.model.options import add_config_arguments, config_from_args
@@ -102,6 +102,29 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one max_batch_size batch through encode and decode at startup")
     warmup_size: int = Field(256, ge=16, le=4096, description="side of the warm-up images")
     log_level: LogLevel = Field("info", description="logging level of the service and uvicorn")
+    layout: str = Field(
+        "flat", min_length=1, description="default token layout of /encode tokens and /decode: a preset "
+        "(flat, chameleon-like, emu3-like, lumina-like) or the name of a layout from layout_files"
+    )
+    layout_files: Annotated[list[Path] | None, NoDecode] = Field(
+        None, description="layout JSON files to load (repeat the flag; in the environment, paths separated "
+        "by commas or a JSON list); a file's layout replaces a preset of the same name"
+    )
+
+    @field_validator("layout_files", mode="before")
+    @classmethod
+    def _split_layout_files(cls, value: Any) -> Any:
+        """``VQTOK_LAYOUT_FILES``: ``a.json,b.json`` or ``["a.json", "b.json"]``; empty means none."""
+        if isinstance(value, str):
+            import json
+
+            text = value.strip()
+            if not text:
+                return None
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

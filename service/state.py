@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from vqtok.service.batching import MicroBatcher
 from vqtok.service.engine import Engine
 from vqtok.service.imaging import DecodeBudget
+from vqtok.service.layouts import LayoutRegistry
 from vqtok.service.metrics import ServiceMetrics
 from vqtok.service.settings import Settings
 
@@ -29,6 +30,7 @@ class ServiceState:
     failure: str | None = None  # why loading failed, if it did
     in_flight: int = 0  # admitted /encode and /decode requests in progress (AdmissionMiddleware)
     loading: asyncio.Task[None] | None = None  # the background load and warm-up
+    layouts: LayoutRegistry | None = None  # the token layouts (presets for the model's K + layout_files)
     # Pixels of uploaded images being decoded at once, across all requests (max_decode_pixels).
     decode_budget: DecodeBudget = field(init=False, repr=False)
 

@@ -70,6 +70,10 @@ def _two_values(field: ConfigField) -> tuple[str, list[str], Any, Any]:
         return str(others[0]), [flag, str(flag_value)], others[0], flag_value
     if typing.get_origin(annotation) is tuple:
         return "0.1,0.2,0.3", [flag, "0.4", "0.5", "0.6"], (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+    if typing.get_origin(annotation) is list:  # a repeatable flag; comma-separated in the environment
+        (element,) = typing.get_args(annotation)
+        return ("/tmp/a,/tmp/b", [flag, "/tmp/c", flag, "/tmp/d"], (element("/tmp/a"), element("/tmp/b")),
+                (element("/tmp/c"), element("/tmp/d")))
     if annotation is int:
         base = 8000 if field.name == "port" else (default or 5)
         return str(base + 1), [flag, str(base + 2)], base + 1, base + 2

@@ -54,6 +54,8 @@ VALUE_DEPENDENT_REFUSALS = (
     "crop_to lists",  # one crop_to per grid: a count relation
     ", but grid [",  # a token sequence's length against its grid
     "ragged grid",  # rows of one grid must have one length
+    "is not loaded",  # layout names: which layouts are loaded is the server's (presets for its K, layout files)
+    "layout '",  # a token sequence or prefix against the named layout's structure (positions, ids, its grid)
 )
 
 

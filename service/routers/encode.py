@@ -10,8 +10,9 @@ import torch
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from vqtok.service.dependencies import AcceptsNpy, ReadyModel
-from vqtok.service.errors import NotAcceptable
+from vqtok.model.layouts import Layout, LayoutError
+from vqtok.service.dependencies import AcceptsNpy, ReadyModel, State
+from vqtok.service.errors import InvalidRequest, NotAcceptable
 from vqtok.service.imaging import (
     IMAGE_CONTENT_TYPES,
     DecodeBudget,
@@ -21,6 +22,7 @@ from vqtok.service.imaging import (
     load_fitted,
     probe_image,
 )
+from vqtok.service.layouts import encode_layout, one_line
 from vqtok.service.limits import check_encode_size, check_request_tokens
 from vqtok.service.parsing import EncodeInput, read_encode_body
 from vqtok.service.responses import ERROR_RESPONSES, NPY, model_headers, npy_bytes, timing_headers
@@ -103,6 +105,7 @@ async def encode(
     response: Response,
     query: Annotated[EncodeOptions, Query()],
     ready: ReadyModel,
+    state: State,
     want_npy: AcceptsNpy,
 ) -> Any:
     """Encode one or many images to grids of codebook indices.
@@ -113,6 +116,9 @@ async def encode(
     settings, engine = ready.settings, ready.engine
     downsample = engine.config.downsample
     body = await read_encode_body(request, query, settings)
+    assert state.layouts is not None  # built with the engine
+    options = body.options
+    layout_name, layout = encode_layout(options.layout, options.offset, options.bos, options.eos, state.layouts)
     if body.size is not None:  # from the numbers alone, before any image is read past its header
         check_encode_size(body.size, body.size_name, len(body.images), settings, downsample)
     fitted = await run_in_threadpool(_fit_images, body, settings, downsample, ready.decode_budget)
@@ -129,13 +135,14 @@ async def encode(
         headers["x-vqtok-content-sizes"] = ",".join(f"{i.content.width}x{i.content.height}" for i in fitted)
         return Response(npy_bytes(np.stack(grids)), media_type=NPY, headers=headers)
     response.headers.update(headers)
-    options = body.options
+    tokens = await run_in_threadpool(_tokens, grids, options, layout_name, layout)
     return EncodeResponse(
         model=engine.identity(),
         fit=options.fit,
         offset=options.offset,
         bos=options.bos,
         eos=options.eos,
+        layout=layout_name,
         images=[
             EncodedImage(
                 indices=grid.tolist(),
@@ -143,8 +150,24 @@ async def encode(
                 original_size=_image_size(image.original),
                 encoded_size=_image_size(image.encoded),
                 content_size=_image_size(image.content),
-                tokens=to_tokens(grid, options.offset, options.bos, options.eos) if options.want_tokens else None,
+                tokens=seq,
             )
-            for grid, image in zip(grids, fitted, strict=True)
+            for grid, image, seq in zip(grids, fitted, tokens, strict=True)
         ],
     )
+
+
+def _tokens(grids: Sequence[np.ndarray], options: EncodeOptions, layout_name: str | None,
+            layout: Layout | None) -> list[list[int] | None]:
+    """Each grid's ``tokens``: the layout's sequence, today's flat offset/bos/eos one, or None (not asked for)."""
+    if layout is None:
+        if not options.want_tokens and layout_name is None:
+            return [None] * len(grids)
+        return [to_tokens(grid, options.offset, options.bos, options.eos) for grid in grids]
+    out: list[list[int] | None] = []
+    for i, grid in enumerate(grids):
+        try:
+            out.append(layout.to_tokens(grid))
+        except LayoutError as exc:
+            raise InvalidRequest(f"images[{i}]: layout {layout.name!r}: {one_line(str(exc))}") from None
+    return out
