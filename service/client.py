@@ -270,6 +270,8 @@ class EncodeOptions:
       eos: end-of-image token.
       tokens: include the flat token sequence.
       layout: token layout of the tokens (a preset or a layout the server loaded; GET /layouts).
+      layout_file: a layout JSON file applied here, to the grids the server answers (the server need not
+        know it): the answer's ``tokens`` and ``layout`` are this layout's.
       output: write the JSON answer here instead of printing grids.
     """
 
@@ -280,6 +282,7 @@ class EncodeOptions:
     eos: int | None = None
     tokens: bool = False
     layout: str | None = None
+    layout_file: Path | None = None
     output: Path | None = None
 
 
@@ -351,9 +354,14 @@ def encode_main(argv: list[str]) -> int:
     def action() -> None:
         options = {"size": opts.size, "fit": opts.fit, "offset": opts.offset, "bos": opts.bos, "eos": opts.eos,
                    "tokens": True if opts.tokens else None, "layout": opts.layout}
+        server_side = opts.layout or opts.offset or opts.bos is not None or opts.eos is not None
+        if opts.layout_file is not None and server_side:
+            raise ValueError("--layout-file lays the tokens out here: give it without --layout, --offset, --bos, --eos")
         with VQTokClient(connection.url, connection.api_key, connection.timeout) as client:
             result = client.encode(args.images, **options)
         assert isinstance(result, dict)
+        if opts.layout_file is not None:
+            apply_layout_file(result, opts.layout_file)
         if opts.output is not None:
             opts.output.write_text(json.dumps(result) + "\n", encoding="utf-8")
             print(f"wrote {len(result['images'])} grid(s) to {opts.output}")
@@ -368,6 +376,19 @@ def encode_main(argv: list[str]) -> int:
                 print(f"{label}:", " ".join(str(v) for v in image["tokens"]))
 
     return _run("encode", action)
+
+
+def apply_layout_file(result: dict[str, Any], path: Path) -> None:
+    """Lay out every grid of an /encode answer with the layout in ``path`` (checked against the model's K)."""
+    from vqtok.model.layouts import Layout  # pydantic and NumPy only: the client stays free of torch
+
+    layout = Layout.from_file(path)
+    k = int(result["model"]["num_embeddings"])
+    if layout.codebook_size != k:
+        raise ValueError(f"{path}: layout {layout.name!r} is for {layout.codebook_size} codes, the model has {k}")
+    for image in result["images"]:
+        image["tokens"] = layout.to_tokens(np.asarray(image["indices"], dtype=np.int64))
+    result["layout"] = layout.name
 
 
 def decode_requests(document: dict[str, Any]) -> dict[str, Any]:

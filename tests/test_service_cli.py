@@ -143,6 +143,31 @@ def test_cli_encode_then_decode(server_url: str, astronaut: np.ndarray, tmp_path
     assert Image.open(jpg).format == "JPEG" and Image.open(jpg).size == (72, 52)
 
 
+def test_cli_encode_with_a_local_layout_file(server_url: str, astronaut: np.ndarray, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--layout-file lays the grid out on the client side: the server need not know the layout."""
+    from vqtok.model.layouts import get_layout
+
+    photo = tmp_path / "a.png"
+    Image.fromarray(astronaut).resize((32, 32)).save(photo)
+    spec = tmp_path / "mine.json"
+    layout = get_layout("lumina-like", codebook_size=64, offset=100, boi=1, eoi=2, eol=3, size_base=10, size_max=64)
+    spec.write_text(layout.model_copy(update={"name": "mine"}).model_dump_json())
+    out = tmp_path / "tokens.json"
+    assert vqtok(["encode", str(photo), "--url", server_url, "--layout-file", str(spec), "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    image = result["images"][0]
+    assert result["layout"] == "mine" and image["tokens"] == layout.to_tokens(np.asarray(image["indices"]))
+    assert image["tokens"][:3] == [1, 18, 18]  # boi, then height and width 8 as size_base + 8
+    capsys.readouterr()
+    assert vqtok(["encode", str(photo), "--url", server_url, "--layout-file", str(spec), "--offset", "5"]) == 1
+    assert "--layout-file lays the tokens out here" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(get_layout("flat", codebook_size=512).model_dump_json())
+    assert vqtok(["encode", str(photo), "--url", server_url, "--layout-file", str(wrong)]) == 1
+    assert "is for 512 codes, the model has 64" in capsys.readouterr().err
+
+
 def test_cli_prints_server_errors(server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"indices": [[0, 1], [2, 9999]]}))

@@ -79,3 +79,26 @@ async def test_the_tokenizer_and_the_service_agree(tokenizer: Tokenizer, make_se
     assert local.tolist() == grid
     assert np.array_equal(tokenizer.decode(local), np.asarray(Image.open(io.BytesIO(decoded.content))))
     assert encoded.headers["x-vqtok-model-id"] == tokenizer.model_id
+
+
+def test_tokenize_and_detokenize_in_a_layout(tokenizer: Tokenizer, astronaut: np.ndarray, tmp_path: Path) -> None:
+    from vqtok.model.layouts import LayoutError
+
+    pixels = np.ascontiguousarray(astronaut[:32, :48])  # an (8, 12) grid
+    grid = tokenizer.encode(pixels)
+    ids = tokenizer.tokenize(pixels, layout="lumina-like")
+    assert ids == tokenizer.layout("lumina-like").to_tokens(grid)
+    image, repairs = tokenizer.detokenize(ids, layout="lumina-like")  # the grid comes from the size prefix
+    assert repairs == [] and np.array_equal(image, tokenizer.decode(grid))
+    cut = ids[:-5]  # an LLM that stopped early
+    with pytest.raises(LayoutError, match="position"):
+        tokenizer.detokenize(cut, layout="lumina-like")
+    repaired, repairs = tokenizer.detokenize(cut, layout="lumina-like", repair="lenient")
+    assert repaired.shape == image.shape and repairs
+    spec = tmp_path / "mine.json"
+    spec.write_text(tokenizer.layout("flat", offset=1000, bos=1, eos=2).model_dump_json())
+    assert tokenizer.tokenize(pixels, layout=spec)[:2] == [1, 1000 + int(grid[0, 0])]
+    with pytest.raises(LayoutError, match="is for 8192 codes; this tokenizer has 64"):
+        from vqtok.model.layouts import get_layout
+
+        tokenizer.layout(get_layout("flat"))

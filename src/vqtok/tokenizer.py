@@ -3,6 +3,8 @@
     tokenizer = Tokenizer.from_checkpoint("default")               # the bundled model; or a checkpoint dir
     grids = tokenizer.encode(["cat.png", pil_image, pixels], size="256", fit="crop")   # (3, 64, 64) int64
     images = tokenizer.decode(grids)                               # three (256, 256, 3) uint8 arrays
+    ids = tokenizer.tokenize("cat.png", layout="emu3-like", size="256", fit="crop")  # an LLM's token ids
+    image, repairs = tokenizer.detokenize(generated_ids, layout="emu3-like", repair="lenient")
 
 It runs exactly what the service runs (the same preprocessing: sniffing, header-first limits,
 ``size`` / ``fit``; the same engine and precision policy), so a grid made here equals the grid
@@ -23,6 +25,7 @@ import torch
 
 from vqtok.model.checkpoint import DEFAULT_CHECKPOINT
 from vqtok.model.data import to_rgb_array
+from vqtok.model.layouts import PRESETS, Layout, LayoutError, get_layout
 from vqtok.service.engine import Engine
 from vqtok.service.imaging import (
     DecodeBudget,
@@ -135,6 +138,38 @@ class Tokenizer:
         elif output != "numpy":
             raise ValueError(f"output must be 'numpy' or 'pil', got {output!r}")
         return images[0] if single else images
+
+    # --- grids <-> LLM token sequences ---------------------------------------------------------------
+    def layout(self, layout: str | os.PathLike[str] | Layout = "flat", **overrides: Any) -> Layout:
+        """A layout for this tokenizer's K: a preset name (with ``overrides`` of its placeholder ids), a layout
+        JSON file, or a ``Layout`` (checked against K)."""
+        if isinstance(layout, Layout):
+            resolved = layout
+        elif isinstance(layout, str) and layout in PRESETS:
+            resolved = get_layout(layout, **{"codebook_size": self.num_embeddings, **overrides})
+        else:
+            resolved = Layout.from_file(Path(layout))
+        if resolved.codebook_size != self.num_embeddings:
+            raise LayoutError(f"layout {resolved.name!r} is for {resolved.codebook_size} codes; this tokenizer has "
+                              f"{self.num_embeddings}")
+        return resolved
+
+    def tokenize(self, images: Sequence[ImageLike] | ImageLike, layout: str | os.PathLike[str] | Layout = "flat",
+                 size: str | None = None, fit: FitMode = "pad") -> list[int] | list[list[int]]:
+        """Images -> LLM token ids in ``layout`` (see ``layout``): one list per image (one list for one image)."""
+        chosen = self.layout(layout)
+        grids = self.encode(images, size=size, fit=fit)
+        if isinstance(grids, np.ndarray) and grids.ndim == 2:
+            return chosen.to_tokens(grids)
+        return [chosen.to_tokens(grid) for grid in grids]
+
+    def detokenize(self, tokens: Sequence[int], layout: str | os.PathLike[str] | Layout = "flat",
+                   grid: tuple[int, int] | None = None, repair: Literal["strict", "lenient"] = "strict",
+                   pad: str | int = "repeat_last_row", output: Literal["numpy", "pil"] = "numpy") -> tuple[Any, list]:
+        """An LLM's token ids -> (image, repairs): the grid parsed by ``layout`` (inferred where it carries it;
+        ``repair`` strict raises ``LayoutError`` naming the position, lenient repairs and reports), decoded."""
+        parsed = self.layout(layout).parse(list(tokens), grid=grid, repair=repair, pad=pad)
+        return self.decode(parsed.grid, output=output), parsed.repairs
 
     def _run(self, operation: Any, items: list[torch.Tensor]) -> list[np.ndarray]:
         """``operation`` over same-shaped runs of ``items``, ``batch_size`` at a time; outputs in order."""
