@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("vqtok.service.__main__", "main", "run the HTTP tokenizer service"),
     "train": ("vqtok.model.train", "main", "train a VQ-VAE tokenizer offline"),
     "evaluate": ("vqtok.model.evaluate", "main", "measure a checkpoint's MSE, PSNR, perplexity, codes used"),
+    "tokenize": ("vqtok.tokenize", "main", "tokenize a dataset into shards (resumable)"),
     "encode": ("vqtok.service.client", "encode_main", "POST images to a running service, print token grids"),
     "decode": ("vqtok.service.client", "decode_main", "POST token grids to a running service, write images"),
 }
