@@ -450,6 +450,68 @@ def test_source_protocol_cifar10(tmp_path: Path) -> None:
     assert len(source.with_split("train")) == 20
 
 
+
+def _keyed_inputs(root: Path) -> dict[str, str]:
+    """The same six PNGs as a text list, a JSONL list, a tar shard (and a folder of them) and, with pyarrow,
+    a Parquet file: spec -> expected kind."""
+    import tarfile
+
+    images = root / "images"
+    images.mkdir()
+    names = [f"im{i}.png" for i in range(6)]
+    for i, name in enumerate(names):
+        Image.fromarray(_noise(12 + i, 16, seed=i)).save(images / name)
+    (root / "list.txt").write_text("".join(f"images/{n}\n" for n in names))
+    (root / "list.jsonl").write_text("".join(json.dumps({"path": f"images/{n}", "n": i}) + "\n"
+                                             for i, n in enumerate(names)))
+    (root / "shards").mkdir()
+    with tarfile.open(root / "shards" / "a.tar", "w") as archive:
+        for i, name in enumerate(names):
+            archive.add(images / name, f"{i:04d}.png")
+    specs = {str(root / "list.txt"): "list", f"list:{root / 'list.jsonl'}": "list",
+             str(root / "shards" / "a.tar"): "tar", f"tar:{root / 'shards'}": "tar"}
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return specs
+    table = pa.table({"caption": [f"c{i}" for i in range(6)],
+                      "png": [(images / n).read_bytes() for n in names]})
+    pq.write_table(table, root / "rows.parquet", row_group_size=4)
+    specs[str(root / "rows.parquet")] = "parquet"
+    specs[f"parquet:{root}#png"] = "parquet"
+    return specs
+
+
+def test_open_source_opens_lists_tars_and_parquet(tmp_path: Path) -> None:
+    from vqtok.model.data import ListSource, ParquetSource, TarSource, parse_spec
+
+    classes = {"list": ListSource, "tar": TarSource, "parquet": ParquetSource}
+    for spec, kind in _keyed_inputs(tmp_path).items():
+        assert parse_spec(spec)[0] == kind, spec
+        source = open_source(spec, "all")
+        assert isinstance(source, classes[kind]), spec
+        keys = _check_source(source, kind, "all", 6)
+        reopened = open_source(source.name, "all")  # the name is a spec that opens the same data
+        assert [item.key for item in reopened] == keys
+        train, heldout = source.with_split("train"), source.with_split("heldout")
+        assert len(train) >= 1 and len(heldout) >= 1
+        assert sorted([item.key for item in train] + [item.key for item in heldout]) == sorted(keys)
+        assert source.describe()["num_images"] == 6 and json.dumps(source.describe())
+        if spec.endswith(".jsonl"):
+            assert [source[i].metadata["n"] for i in range(6)] == list(range(6))
+        if kind == "parquet":
+            assert [source[i].metadata for i in range(6)] == [{"caption": f"c{i}"} for i in range(6)]
+    assert parse_spec(str(tmp_path / "images"))[0] == "folder"
+    with pytest.raises(ValueError, match="does not exist"):
+        open_source(str(tmp_path / "nope.txt"))
+    with pytest.raises(ValueError, match="neither a tar file"):
+        open_source(f"tar:{tmp_path / 'images'}")
+    if (tmp_path / "rows.parquet").exists():
+        with pytest.raises(ValueError, match="no column 'nope'"):
+            len(open_source(f"{tmp_path / 'rows.parquet'}#nope"))
+
+
 def _count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every ``PIL.Image.open`` from now on, by path."""
     opened: list[str] = []

@@ -188,7 +188,7 @@ def test_bad_inputs_exit_2(tiny_checkpoint: Path, tmp_path: Path, case: str,
     if case == "checkpoint":
         args["checkpoint"] = str(tmp_path / "nope")
     elif case == "format":
-        extra = ["--format", "parquet"]
+        extra = ["--format", "xml"]
     elif case == "missing_input":
         args["input"] = str(tmp_path / "no-such-folder")
     argv = [x for name, value in args.items() for x in (f"--{name}", value)] + extra
@@ -196,10 +196,77 @@ def test_bad_inputs_exit_2(tiny_checkpoint: Path, tmp_path: Path, case: str,
         with pytest.raises(SystemExit) as raised:
             main(argv)
         assert raised.value.code == 2
-        assert "invalid choice: 'parquet'" in capsys.readouterr().err
+        assert "invalid choice: 'xml'" in capsys.readouterr().err
         return
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("vqtok tokenize: error:"), err
     expected = {"checkpoint": "does not exist", "empty": "holds no image", "missing_input": "no-such-folder"}[case]
     assert expected in err
+
+
+def test_parquet_output_matches_wds(tiny_checkpoint: Path, folder: Path, tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    run(_config(tiny_checkpoint, str(folder), tmp_path / "wds"), progress=False)
+    manifest = run(_config(tiny_checkpoint, str(folder), tmp_path / "pq", format="parquet"), progress=False)
+    assert sorted(p.name for p in (tmp_path / "pq").glob("shard-*")) == [f"shard-0000{i}.parquet" for i in range(3)]
+    assert not list((tmp_path / "pq").glob(".*tmp*"))  # written atomically: no temp file left
+    assert set(manifest["shards"][0]["files"]) == {"shard-00000.parquet"}
+    wds = _read_wds(tmp_path / "wds")
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "pq").glob("shard-*.parquet"))])
+    assert table.schema.field("tokens").type == pa.list_(pa.uint16())
+    assert table.schema.field("grid").type == pa.list_(pa.int32(), 2)
+    assert table.schema.field("index").type == pa.int64() and table.schema.field("key").type == pa.string()
+    assert json.loads(table.schema.metadata[b"vqtok.model"])["model_id"] == manifest["model"]["model_id"]
+    rows = table.to_pylist()
+    assert len(rows) == 7 and [r["index"] for r in rows] == list(range(7))
+    for row in rows:
+        grid, meta = wds[row["key"]]
+        np.testing.assert_array_equal(np.asarray(row["tokens"], dtype=np.uint16).reshape(row["grid"]), grid)
+        assert row["original_size"] == meta["original_size"] and json.loads(row["metadata"]) == meta["metadata"]
+    laid = run(_config(tiny_checkpoint, str(folder), tmp_path / "layout", format="parquet", layout="flat"),
+               progress=False)
+    assert laid["totals"]["samples"] == 7
+    table = pq.read_table(tmp_path / "layout" / "shard-00000.parquet")
+    assert table.schema.field("tokens").type == pa.list_(pa.int64())
+
+
+def test_parquet_input_carries_columns(tiny_checkpoint: Path, folder: Path, tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    paths = sorted(folder.rglob("*.png"))[:4]
+    table = pa.table({"id": list(range(4)), "caption": [f"caption {i}" for i in range(4)],
+                      "jpg": [p.read_bytes() for p in paths[:3]] + [b"not an image"]})
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=3)
+    wds = _read_wds(_run_folder(tiny_checkpoint, folder, tmp_path / "reference"))
+    manifest = run(_config(tiny_checkpoint, str(tmp_path / "rows.parquet"), tmp_path / "out", format="parquet"),
+                   progress=False)
+    assert manifest["totals"] == {"shards_done": 2, "samples": 3, "failed": 1}
+    assert [f["key"] for f in manifest["failures"]] == ["rows/3"]
+    out = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out").glob("*.parquet"))]).to_pylist()
+    assert [r["key"] for r in out] == ["rows/0", "rows/1", "rows/2"]
+    for i, row in enumerate(out):
+        assert json.loads(row["metadata"]) == {"id": i, "caption": f"caption {i}"}
+        expected = wds[paths[i].relative_to(folder).as_posix()][0]
+        np.testing.assert_array_equal(np.asarray(row["tokens"]).reshape(row["grid"]), expected)
+    again = run(_config(tiny_checkpoint, f"parquet:{tmp_path}#jpg", tmp_path / "again"), progress=False)
+    assert again["totals"]["samples"] == 3
+
+
+def _run_folder(checkpoint: Path, folder: Path, out: Path) -> Path:
+    run(_config(checkpoint, str(folder), out), progress=False)
+    return out
+
+
+def test_parquet_without_pyarrow_is_one_clear_line(tiny_checkpoint: Path, folder: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    base = ["--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
+    for extra in (["--input", str(folder), "--format", "parquet"], ["--input", str(tmp_path / "rows.parquet")]):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "pip install 'vqtok[tokenize]'" in err, err

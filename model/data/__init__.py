@@ -7,6 +7,10 @@ One job per module:
   :func:`open_source` (``"photos"``, ``"cifar10:DIR"``, ``"folder:DIR"`` or a folder path).
 * :mod:`~vqtok.model.data.folder` - :class:`FolderSource`: every image Pillow can open under a folder,
   unreadable files skipped and counted, a hash-of-the-path held-out split, verified once per folder state.
+* :mod:`~vqtok.model.data.lists`, :mod:`~vqtok.model.data.tar`, :mod:`~vqtok.model.data.parquet` -
+  :class:`ListSource` (``*.txt`` / ``*.jsonl`` file lists), :class:`TarSource` (WebDataset-style shards),
+  :class:`ParquetSource` (an image-bytes column; pyarrow, imported lazily), on :class:`KeyedSource`
+  (:mod:`~vqtok.model.data.keyed`: entries indexed once, split by the hash of the key).
 * :mod:`~vqtok.model.data.cifar` - :class:`Cifar10Source`: the python-pickle CIFAR-10 batches (never downloaded).
 * :mod:`~vqtok.model.data.photos` - :class:`PhotoSource`: the photos bundled in scikit-image, scikit-learn
   and matplotlib, with a FIXED split by image (:data:`PHOTO_HELDOUT`).
@@ -61,6 +65,9 @@ from vqtok.model.data.folder import (
     parse_heldout,
     scan_folder,
 )
+from vqtok.model.data.keyed import KeyedSource
+from vqtok.model.data.lists import ListSource
+from vqtok.model.data.parquet import ParquetSource
 from vqtok.model.data.photos import PHOTO_HELDOUT, PhotoSource, load_photo, load_photos, photo_names, photo_sources
 from vqtok.model.data.pixels import (
     UnreadableImage,
@@ -84,6 +91,7 @@ from vqtok.model.data.source import (
     parse_spec,
     source_kinds,
 )
+from vqtok.model.data.tar import TarSource
 
 __all__ = [
     "CIFAR_BATCHES",
@@ -107,11 +115,15 @@ __all__ = [
     "FolderScan",
     "FolderSource",
     "ImageFolder",
+    "KeyedSource",
+    "ListSource",
+    "ParquetSource",
     "PhotoCrops",
     "PhotoSource",
     "Source",
     "SourceCrops",
     "SourceItem",
+    "TarSource",
     "UnreadableImage",
     "array_to_rgb",
     "build_dataset",

@@ -9,10 +9,12 @@ tokenization are built on top of them.
 
 Kinds (one class each, one module each): ``photos`` (:class:`~vqtok.model.data.photos.PhotoSource`),
 ``cifar10`` (:class:`~vqtok.model.data.cifar.Cifar10Source`), ``folder``
-(:class:`~vqtok.model.data.folder.FolderSource`). A new kind - tar shards or Parquet files, whose items
-are ``(member or row key, image bytes, row metadata)`` - subclasses :class:`BaseSource` (index built
-once, ``__getitem__`` by offset or row), implements ``check_argument`` / ``from_spec`` and joins the
-table in :func:`source_kinds`; nothing else switches on the kind.
+(:class:`~vqtok.model.data.folder.FolderSource`), ``list`` (:class:`~vqtok.model.data.lists.ListSource`),
+``tar`` (:class:`~vqtok.model.data.tar.TarSource`) and ``parquet``
+(:class:`~vqtok.model.data.parquet.ParquetSource`; needs pyarrow). The last three items are
+``(key, image bytes, metadata)`` indexed once (:class:`~vqtok.model.data.keyed.KeyedSource`). A new kind
+subclasses :class:`BaseSource`, implements ``check_argument`` / ``from_spec`` (and ``suffixes`` for bare
+paths) and joins the table in :func:`source_kinds`; nothing else switches on the kind.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
-SPEC_HELP = "expected 'photos', 'cifar10:DIR', 'folder:DIR' or the path of an image folder"
+SPEC_HELP = ("expected 'photos', 'cifar10:DIR', 'folder:DIR', 'list:FILE', 'tar:FILE_OR_DIR', "
+             "'parquet:FILE_OR_DIR[#COLUMN]', the path of an image folder, or a *.txt, *.jsonl, *.tar or "
+             "*.parquet file")
 
 #: Read-only empty metadata shared by items that carry none.
 NO_METADATA: Mapping[str, Any] = MappingProxyType({})
@@ -120,6 +124,8 @@ class BaseSource(abc.ABC):
     kind: str = ""
     #: Whether the spec needs ``kind:ARGUMENT``; a kind without one is also spelled by its bare name.
     takes_argument: ClassVar[bool] = True
+    #: File name endings that make a bare path (not a folder) this kind, e.g. ``(".tar",)``.
+    suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, split: str) -> None:
         check_split(split)
@@ -192,9 +198,23 @@ def source_kinds() -> dict[str, type[BaseSource]]:
     # Deferred: the kind modules import this one.
     from vqtok.model.data.cifar import Cifar10Source
     from vqtok.model.data.folder import FolderSource
+    from vqtok.model.data.lists import ListSource
+    from vqtok.model.data.parquet import ParquetSource
     from vqtok.model.data.photos import PhotoSource
+    from vqtok.model.data.tar import TarSource
 
-    return {cls.kind: cls for cls in (PhotoSource, Cifar10Source, FolderSource)}
+    return {cls.kind: cls for cls in (PhotoSource, Cifar10Source, FolderSource, ListSource, TarSource, ParquetSource)}
+
+
+def _kind_by_suffix(spec: str, kinds: dict[str, type[BaseSource]]) -> str | None:
+    """The kind whose ``suffixes`` end the bare path ``spec`` (a ``#COLUMN`` tail ignored), unless it is a folder."""
+    if Path(spec).is_dir():
+        return None
+    for path in dict.fromkeys((spec, spec.partition("#")[0])):  # "a#b.txt" is a name; "x.parquet#col" a column
+        kind = next((k for k, cls in kinds.items() if cls.suffixes and path.lower().endswith(cls.suffixes)), None)
+        if kind is not None:
+            return kind
+    return None
 
 
 def require_directory(spec: str, argument: str, what: str) -> None:
@@ -209,7 +229,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """``spec`` → ``(kind, argument)``, checked by the kind (e.g. the directory exists).
 
     ``"photos"`` → ``("photos", "")``; ``"cifar10:DIR"`` → ``("cifar10", "DIR")``; ``"folder:DIR"`` and a
-    bare path → ``("folder", "DIR")``. A ``word:`` prefix that is no known kind (and not part of an
+    bare path → ``("folder", "DIR")``; ``"list:F"``, ``"tar:P"``, ``"parquet:P[#COL]"`` → that kind, as is a bare
+    path (not a folder) ending in one of the kind's ``suffixes`` (``.txt``/``.jsonl``, ``.tar``, ``.parquet``).
+    A ``word:`` prefix that is no known kind (and not part of an
     existing path) is refused rather than read as a folder.
 
     Raises:
@@ -228,7 +250,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
         elif sep and prefix.isidentifier() and len(prefix) > 1 and not Path(spec).exists():
             raise ValueError(f"unknown dataset kind {prefix!r} in spec {spec!r}; {SPEC_HELP}")
         else:
-            kind, argument = "folder", spec
+            kind, argument = _kind_by_suffix(spec, kinds) or "folder", spec
     kinds[kind].check_argument(spec, argument)
     return kind, argument
 

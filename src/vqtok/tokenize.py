@@ -1,13 +1,18 @@
 """``vqtok tokenize``: a dataset to token shards, resumable, split by shard across torchrun ranks.
 
     vqtok tokenize --checkpoint CK --input SPEC --out DIR [--size 256 --fit crop] [--layout NAME]
-                   [--format wds|npy] [--batch-size B] [--shard-size S] [--device auto]
+                   [--format wds|npy|parquet] [--batch-size B] [--shard-size S] [--device auto]
 
-Inputs (``--input``): any data spec of :func:`vqtok.model.data.open_source` (an image folder, ``folder:DIR``,
-``photos``, ``cifar10:DIR``), a file list (``*.txt``: one image path per line; ``*.jsonl``: one object per
-line with ``"path"`` (or ``"image"``) and any metadata, carried through), or WebDataset-style tar shards
-(``x.tar``, or ``tar:DIR`` for every ``*.tar`` in DIR, sorted; members grouped by key: ``000001.jpg`` +
-``000001.json`` metadata). Paths in a list are relative to the list file's folder.
+Inputs (``--input``): any data spec of :func:`vqtok.model.data.open_source`: an image folder (``folder:DIR``),
+``photos``, ``cifar10:DIR``, a file list (``list:FILE`` or a bare ``*.txt``: one image path per line; ``*.jsonl``:
+one object per line with ``"path"`` (or ``"image"``) and any metadata, carried through; paths relative to the
+list file's folder), WebDataset-style tar shards (``x.tar``, or ``tar:DIR`` for every ``*.tar`` in DIR, sorted;
+members grouped by key: ``000001.jpg`` + ``000001.json`` metadata), or Parquet files with an image-bytes column
+(``x.parquet`` or ``parquet:FILE_OR_DIR[#COLUMN]``; the other columns carried as metadata; needs pyarrow).
+
+Outputs (``--format``): ``wds`` (``shard-NNNNN.tar``: ``<index>.npy`` grid + ``<index>.json`` metadata per sample),
+``npy`` (``shard-NNNNN.tokens.npy`` / ``.offsets.npy`` / ``.keys.json``) or ``parquet`` (``shard-NNNNN.parquet``:
+columns key, index, grid, tokens, original_size, metadata (JSON text); needs pyarrow).
 
 Shard ``i`` holds source items ``[i*S, (i+1)*S)`` in the source's order, so shards are deterministic; each is
 written to a temporary name and renamed, then recorded in the manifest. A rerun with the same arguments skips
@@ -33,17 +38,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import numpy as np
 
+from vqtok.model.data.lists import ListSource
 from vqtok.model.data.source import BaseSource, SourceItem, UnreadableImage, open_source
+from vqtok.model.data.tar import IMAGE_EXTENSIONS, TarSource  # noqa: F401 (kept importable from here)
 from vqtok.model.options import add_config_arguments, config_from_args
 
 ENV_PREFIX = "VQTOK_TOKENIZE_"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"})
 # The options that change what is written: a rerun with other values is refused.
 OUTPUT_OPTIONS = ("checkpoint", "input", "size", "fit", "layout", "format", "shard_size")
 
@@ -62,14 +68,14 @@ class TokenizeConfig:
 
     Attributes:
         checkpoint: checkpoint directory, or "default" for the bundled model.
-        input: data spec (image folder, folder:DIR, photos, cifar10:DIR), a *.txt / *.jsonl file list,
-            or tar shards (x.tar or tar:DIR).
+        input: data spec (image folder, folder:DIR, photos, cifar10:DIR), a *.txt / *.jsonl file list
+            (list:FILE), tar shards (x.tar or tar:DIR) or Parquet files (x.parquet or parquet:PATH[#COLUMN]).
         out: output directory (shards and manifest.json).
         size: target size as /encode takes it (e.g. "256" or "256x192"); none keeps each image's size.
         fit: how an image is brought to size (as /encode: pad, crop, resize, none).
         layout: write the tokens in this layout preset (e.g. "emu3-like") instead of raw code indices.
-        format: wds (WebDataset-style tar shards: <key>.npy + <key>.json per sample) or npy (per shard:
-            tokens, offsets, keys).
+        format: wds (WebDataset-style tar shards: <key>.npy + <key>.json per sample), npy (per shard:
+            tokens, offsets, keys) or parquet (a shard-NNNNN.parquet per shard; needs pyarrow).
         batch_size: images per forward pass.
         shard_size: source items per shard (shard i holds items [i*S, (i+1)*S)).
         device: auto, cpu, cuda or cuda:N (under torchrun, auto/cuda take cuda:LOCAL_RANK).
@@ -81,188 +87,17 @@ class TokenizeConfig:
     size: str | None = None
     fit: Literal["pad", "crop", "resize", "none"] = "pad"
     layout: str | None = None
-    format: Literal["wds", "npy"] = "wds"
+    format: Literal["wds", "npy", "parquet"] = "wds"
     batch_size: int = 16
     shard_size: int = 1000
     device: str = "auto"
 
 
-# --- extra input kinds: file lists and tar shards ---------------------------------------------------------------
-
-
-def _read_bytes(path: Path, key: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UnreadableImage(f"{key}: {exc.strerror or exc}") from exc
-
-
-class ListSource(BaseSource):
-    """Images named by a ``*.txt`` (a path per line) or ``*.jsonl`` (``{"path" | "image": ..., **metadata}``) file."""
-
-    kind = "list"
-
-    def __init__(self, path: Path, split: str = "all") -> None:
-        super().__init__(split)
-        self.path = path
-        self._entries: list[tuple[str, Path, dict[str, Any]]] | None = None
-
-    @property
-    def name(self) -> str:
-        return f"list:{self.path}"
-
-    @property
-    def entries(self) -> list[tuple[str, Path, dict[str, Any]]]:
-        if self._entries is None:
-            base = self.path.parent
-            entries = []
-            jsonl = self.path.suffix == ".jsonl"
-            for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                if not jsonl:
-                    entries.append((line.strip(), base / line.strip(), {}))
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TokenizeError(f"{self.path}:{number}: not a JSON object ({exc.msg})") from None
-                field = "path" if isinstance(record, dict) and "path" in record else "image"
-                if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                    raise TokenizeError(f"{self.path}:{number}: expected an object with a 'path' (or 'image') string")
-                location = record.pop(field)
-                entries.append((location, base / location, record))
-            self._entries = entries
-        return self._entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def key_of(self, index: int) -> str:
-        """Item ``index``'s key without reading the image (names a failure)."""
-        return self.entries[self.check_index(index)][0]
-
-    def __getitem__(self, index: int) -> SourceItem:
-        key, path, metadata = self.entries[self.check_index(index)]
-        return SourceItem(key, _read_bytes(path, key), metadata)
-
-    def with_split(self, split: str) -> Self:
-        if split != "all":
-            raise ValueError("a file list has only the 'all' split")
-        return self
-
-    def _describe(self) -> dict[str, Any]:
-        return {"source": str(self.path), "num_images": len(self)}
-
-    @classmethod
-    def check_argument(cls, spec: str, argument: str) -> None:
-        if not Path(argument).is_file():
-            raise ValueError(f"input {spec!r}: file list {argument!r} does not exist")
-
-    @classmethod
-    def from_spec(cls, argument: str, split: str) -> Self:
-        return cls(Path(argument), split)
-
-
-class TarSource(BaseSource):
-    """WebDataset-style tar shards: members grouped by key (the path up to the basename's first dot); the image
-    member is the item, a ``.json`` member its metadata. Groups without an image are ignored."""
-
-    kind = "tar"
-
-    def __init__(self, paths: list[Path], split: str = "all") -> None:
-        super().__init__(split)
-        self.paths = paths
-        self._items: list[tuple[str, Path, int, int, dict[str, Any]]] | None = None
-
-    @property
-    def name(self) -> str:
-        return f"tar:{','.join(map(str, self.paths))}"
-
-    @property
-    def items(self) -> list[tuple[str, Path, int, int, dict[str, Any]]]:
-        if self._items is None:
-            items = []
-            for path in self.paths:
-                groups: dict[str, dict[str, Any]] = {}
-                try:
-                    with tarfile.open(path) as archive:
-                        for member in archive:
-                            if not member.isfile():
-                                continue
-                            directory, _, base = member.name.rpartition("/")
-                            stem, dot, ext = base.partition(".")
-                            if not dot:
-                                continue
-                            key = f"{directory}/{stem}" if directory else stem
-                            group = groups.setdefault(key, {})
-                            ext = ext.lower()
-                            if ext in IMAGE_EXTENSIONS and "image" not in group:
-                                group["image"] = (member.offset_data, member.size)
-                            elif ext == "json":
-                                handle = archive.extractfile(member)
-                                try:
-                                    metadata = json.loads(handle.read()) if handle else {}
-                                except ValueError:
-                                    metadata = {}
-                                group["json"] = metadata if isinstance(metadata, dict) else {"json": metadata}
-                except (OSError, tarfile.TarError) as exc:
-                    raise TokenizeError(f"cannot read tar shard {path}: {exc}") from None
-                for key, group in groups.items():
-                    if "image" in group:
-                        offset, size = group["image"]
-                        items.append((key, path, offset, size, group.get("json", {})))
-            self._items = items
-        return self._items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def key_of(self, index: int) -> str:
-        """Item ``index``'s key without reading the image (names a failure)."""
-        return self.items[self.check_index(index)][0]
-
-    def __getitem__(self, index: int) -> SourceItem:
-        key, path, offset, size, metadata = self.items[self.check_index(index)]
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                data = handle.read(size)
-        except OSError as exc:
-            raise UnreadableImage(f"{key}: {exc}") from exc
-        return SourceItem(key, data, metadata)
-
-    def with_split(self, split: str) -> Self:
-        if split != "all":
-            raise ValueError("tar shards have only the 'all' split")
-        return self
-
-    def _describe(self) -> dict[str, Any]:
-        return {"source": [str(p) for p in self.paths], "num_images": len(self)}
-
-    @classmethod
-    def check_argument(cls, spec: str, argument: str) -> None:
-        path = Path(argument)
-        if not (path.is_file() or (path.is_dir() and any(path.glob("*.tar")))):
-            raise ValueError(f"input {spec!r}: {argument!r} is neither a tar file nor a folder of *.tar files")
-
-    @classmethod
-    def from_spec(cls, argument: str, split: str) -> Self:
-        path = Path(argument)
-        return cls(sorted(path.glob("*.tar")) if path.is_dir() else [path], split)
-
-
 def open_input(spec: str) -> BaseSource | Any:
-    """The source ``--input`` names: a file list, tar shards, or any :func:`open_source` spec."""
+    """The source ``--input`` names: any :func:`open_source` spec (a file list, tar shards, Parquet, a folder, ...)."""
     try:
-        if spec.startswith("tar:") or (spec.endswith(".tar") and not spec.startswith(("folder:", "cifar10:"))):
-            argument = spec.removeprefix("tar:")
-            TarSource.check_argument(spec, argument)
-            return TarSource.from_spec(argument, "all")
-        if spec.endswith((".txt", ".jsonl")) and Path(spec).is_file():
-            return ListSource.from_spec(spec, "all")
         return open_source(spec, "all")
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         raise TokenizeError(str(exc)) from None
 
 
@@ -301,6 +136,8 @@ def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
 
 def shard_files(fmt: str, shard: int) -> list[str]:
     stem = f"shard-{shard:05d}"
+    if fmt == "parquet":
+        return [f"{stem}.parquet"]
     return [f"{stem}.tar"] if fmt == "wds" else [f"{stem}.tokens.npy", f"{stem}.offsets.npy", f"{stem}.keys.json"]
 
 
@@ -343,8 +180,15 @@ def _check_config(config: TokenizeConfig) -> None:
         raise TokenizeError(f"--batch-size must be >= 1, got {config.batch_size}")
     if config.shard_size < 1:
         raise TokenizeError(f"--shard-size must be >= 1, got {config.shard_size}")
-    if config.format not in ("wds", "npy"):
-        raise TokenizeError(f"unknown --format {config.format!r}; expected wds or npy")
+    if config.format not in ("wds", "npy", "parquet"):
+        raise TokenizeError(f"unknown --format {config.format!r}; expected wds, npy or parquet")
+    if config.format == "parquet":
+        from vqtok.model.data.parquet import import_pyarrow
+
+        try:
+            import_pyarrow()
+        except ImportError as exc:
+            raise TokenizeError(str(exc)) from None
     if config.checkpoint != "default" and not Path(config.checkpoint).is_dir():
         raise TokenizeError(f"checkpoint {config.checkpoint!r} does not exist (or is not a directory)")
     if config.size is not None:
@@ -378,7 +222,10 @@ def run(config: TokenizeConfig, *, stop_after_shards: int | None = None, progres
     _check_config(config)
     place = Placement.from_env()
     source = open_input(config.input)
-    total = len(source)
+    try:
+        total = len(source)  # indexes a list, tar or Parquet source
+    except (ValueError, ImportError) as exc:
+        raise TokenizeError(f"input {config.input!r}: {exc}") from None
     if total == 0:
         raise TokenizeError(f"input {config.input!r} holds no image")
     device = config.device
@@ -515,6 +362,8 @@ def _write_shard(out: Path, fmt: str, shard: int, samples: list[tuple[SourceItem
                 meta["tokens"] = [int(t) for t in layout.to_tokens(grid)]
             members += [(f"{key}.npy", _npy_bytes(grid.astype(dtype))), (f"{key}.json", _json_bytes(meta))]
         blobs = [_tar_bytes(members)]
+    elif fmt == "parquet":
+        blobs = [_parquet_bytes(samples, layout, model, dtype)]
     else:
         parts = [np.asarray(layout.to_tokens(grid), dtype=np.int64) if layout is not None
                  else grid.reshape(-1).astype(dtype) for _, _, _, grid in samples]
@@ -530,6 +379,34 @@ def _write_shard(out: Path, fmt: str, shard: int, samples: list[tuple[SourceItem
         _atomic_write(out / name, data)
         files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return files
+
+
+def _parquet_bytes(samples: list[tuple[SourceItem, int, Any, np.ndarray]], layout: Any, model: dict[str, Any],
+                   dtype: Any) -> bytes:
+    """One Parquet shard: key, index, grid [H, W], tokens (list<uint16|uint32>, or list<int64> in a layout),
+    original_size [H, W], metadata (JSON text); the model identity in the schema's key-value metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    token_type = pa.int64() if layout is not None else (pa.uint16() if dtype == np.uint16 else pa.uint32())
+    schema = pa.schema([
+        ("key", pa.string()), ("index", pa.int64()), ("grid", pa.list_(pa.int32(), 2)),
+        ("tokens", pa.list_(token_type)), ("original_size", pa.list_(pa.int32(), 2)), ("metadata", pa.string()),
+    ], metadata={"vqtok.model": _json_bytes(model)})
+    tokens = [np.asarray(layout.to_tokens(grid), dtype=np.int64) if layout is not None
+              else grid.reshape(-1).astype(dtype) for _, _, _, grid in samples]
+    columns = [
+        pa.array([item.key for item, _, _, _ in samples], pa.string()),
+        pa.array([index for _, index, _, _ in samples], pa.int64()),
+        pa.array([list(grid.shape) for _, _, _, grid in samples], pa.list_(pa.int32(), 2)),
+        pa.array(tokens, pa.list_(token_type)),
+        pa.array([[fitted.original.height, fitted.original.width] for _, _, fitted, _ in samples],
+                 pa.list_(pa.int32(), 2)),
+        pa.array([_json_bytes(dict(item.metadata)).decode() for item, _, _, _ in samples], pa.string()),
+    ]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_arrays(columns, schema=schema), buffer)
+    return buffer.getvalue()
 
 
 def _merge_if_complete(out: Path, world_size: int) -> bool:
