@@ -270,3 +270,34 @@ def test_parquet_without_pyarrow_is_one_clear_line(tiny_checkpoint: Path, folder
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "pip install 'vqtok[tokenize]'" in err, err
+
+
+def test_exit_status_failures_max_failures_and_overwrite(tiny_checkpoint: Path, folder: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """0 when every image made it, 3 when some failed (listed), 4 when --max-failures stopped the run early;
+    a rerun with other options is refused unless --overwrite."""
+    from vqtok.tokenize import main
+
+    good = sorted(str(p) for p in folder.rglob("*.png"))[:2]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([good[0], str(tmp_path / "missing-1.png"), good[1], str(tmp_path / "missing-2.png")]))
+    common = ["--checkpoint", str(tiny_checkpoint), "--size", "32", "--fit", "crop", "--device", "cpu",
+              "--shard-size", "1", "--batch-size", "2"]
+    assert main([*common, "--input", good[0], "--out", str(tmp_path / "ok")]) == 2  # a file is no data spec
+    clean = tmp_path / "clean.txt"
+    clean.write_text("\n".join(good))
+    assert main([*common, "--input", str(clean), "--out", str(tmp_path / "clean")]) == 0
+    assert main([*common, "--input", str(listing), "--out", str(tmp_path / "some")]) == 3
+    some = json.loads((tmp_path / "some" / "manifest.json").read_text())
+    assert some["complete"] and [f["index"] for f in some["failures"]] == [1, 3]
+    capsys.readouterr()
+    assert main([*common, "--input", str(listing), "--out", str(tmp_path / "stop"), "--max-failures", "0"]) == 4
+    assert "more than --max-failures 0; stopped after shard 1" in capsys.readouterr().err
+    stopped = json.loads((tmp_path / "stop" / "manifest.json").read_text())
+    assert not stopped["complete"] and stopped["totals"]["shards_done"] == 2  # shards 0 and 1, then the stop
+    assert main([*common, "--input", str(clean), "--out", str(tmp_path / "clean"), "--size", "64"]) == 2
+    assert "--overwrite to replace it" in capsys.readouterr().err
+    assert main([*common, "--input", str(clean), "--out", str(tmp_path / "clean"), "--size", "64",
+                 "--overwrite"]) == 0
+    replaced = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    assert replaced["config"]["size"] == "64" and replaced["totals"]["samples"] == 2

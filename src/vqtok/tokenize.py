@@ -58,6 +58,14 @@ class TokenizeError(ValueError):
     """A bad argument or input: reported as one line, exit status 2."""
 
 
+class TooManyFailures(RuntimeError):
+    """More images failed than ``--max-failures`` allows: the run stops (exit status 4), manifest saved."""
+
+
+EXIT_FAILED_IMAGES = 3  # the run finished, but some images failed (listed in the manifest)
+EXIT_TOO_MANY_FAILURES = 4  # stopped early by --max-failures
+
+
 class StopAfterShards(RuntimeError):
     """Raised by the test hook ``run(..., stop_after_shards=N)`` to simulate a run killed after N shards."""
 
@@ -79,6 +87,9 @@ class TokenizeConfig:
         batch_size: images per forward pass.
         shard_size: source items per shard (shard i holds items [i*S, (i+1)*S)).
         device: auto, cpu, cuda or cuda:N (under torchrun, auto/cuda take cuda:LOCAL_RANK).
+        max_failures: stop (exit status 4) once more images than this failed in the run; -1: never stop.
+        overwrite: an output folder holding a run with other options or another model is cleared first
+            (its shards and manifests), instead of refused.
     """
 
     checkpoint: str
@@ -91,6 +102,8 @@ class TokenizeConfig:
     batch_size: int = 16
     shard_size: int = 1000
     device: str = "auto"
+    max_failures: int = -1
+    overwrite: bool = False
 
 
 def open_input(spec: str) -> BaseSource | Any:
@@ -256,9 +269,16 @@ def run(config: TokenizeConfig, *, stop_after_shards: int | None = None, progres
     out.mkdir(parents=True, exist_ok=True)
     done: dict[int, dict[str, Any]] = {}
     failures_by_shard: dict[int, list[dict[str, Any]]] = {}
-    for previous in _load_manifests(out):
-        if previous.get("config") != options or previous.get("model", {}).get("model_id") != model["model_id"]:
-            raise TokenizeError(f"{out} holds a run with other options or another model; use a new --out")
+    previous_runs = _load_manifests(out)
+    if any(previous.get("config") != options or previous.get("model", {}).get("model_id") != model["model_id"]
+           for previous in previous_runs):
+        if not config.overwrite:
+            raise TokenizeError(f"{out} holds a run with other options or another model; use a new --out, "
+                                "or --overwrite to replace it")
+        for stale in [*out.glob("shard-*"), *out.glob("manifest*.json")]:
+            stale.unlink()
+        previous_runs = []
+    for previous in previous_runs:
         for record in previous.get("shards", []):
             done[record["shard"]] = record
         for failure in previous.get("failures", []):
@@ -332,6 +352,11 @@ def run(config: TokenizeConfig, *, stop_after_shards: int | None = None, progres
         failures[shard] = shard_failures
         written += len(samples)
         save(complete=False)
+        failed_so_far = sum(len(f) for f in failures.values()) + len(scan_failures)
+        if 0 <= config.max_failures < failed_so_far:
+            bar.close()
+            raise TooManyFailures(f"{failed_so_far} images failed, more than --max-failures {config.max_failures}; "
+                                  f"stopped after shard {shard} (see {out / place.manifest_name})")
         if stop_after_shards is not None and count + 1 >= stop_after_shards:
             bar.close()
             raise StopAfterShards(f"stopped after {count + 1} shard(s) (test hook)")
@@ -438,15 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done (failed images are listed in the manifest), 2 bad arguments or input."""
+    """Exit status: 0 every image tokenized; 3 finished, but some images failed (listed in the manifest);
+    4 stopped by --max-failures; 2 bad arguments or input."""
     args = build_parser().parse_args(argv)
     config = config_from_args(TokenizeConfig, args)
     try:
-        run(config)
+        manifest = run(config)
     except TokenizeError as exc:
         print(f"vqtok tokenize: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except TooManyFailures as exc:
+        print(f"vqtok tokenize: {exc}", file=sys.stderr)
+        return EXIT_TOO_MANY_FAILURES
+    return EXIT_FAILED_IMAGES if manifest["totals"]["failed"] else 0
 
 
 __all__ = ["ListSource", "TarSource", "TokenizeConfig", "TokenizeError", "main", "open_input", "run"]
