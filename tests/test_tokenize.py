@@ -301,3 +301,25 @@ def test_exit_status_failures_max_failures_and_overwrite(tiny_checkpoint: Path, 
                  "--overwrite"]) == 0
     replaced = json.loads((tmp_path / "clean" / "manifest.json").read_text())
     assert replaced["config"]["size"] == "64" and replaced["totals"]["samples"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["wds", "npy", "parquet"])
+def test_verify_passes_a_good_output_and_catches_a_tampered_shard(tiny_checkpoint: Path, folder: Path,
+                                                                 tmp_path: Path, fmt: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from vqtok.tokenize import main
+
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    out = tmp_path / "out"
+    run(_config(tiny_checkpoint, str(folder), out, format=fmt, layout="flat" if fmt == "npy" else None),
+        progress=False)
+    assert main(["--verify", str(out), "--samples", "7"]) == 0
+    assert capsys.readouterr().out.strip().endswith(": ok")
+    first = sorted(out.glob("shard-00001*"))[0]
+    data = bytearray(first.read_bytes())
+    data[-20] ^= 0xFF  # one flipped byte
+    first.write_bytes(bytes(data))
+    assert main(["--verify", str(out)]) == 5
+    assert f"shard 1: {first.name} is missing or differs from the manifest" in capsys.readouterr().err
+    assert main(["--verify", str(tmp_path / "nowhere")]) == 2

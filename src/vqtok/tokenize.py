@@ -456,6 +456,81 @@ def _merge_if_complete(out: Path, world_size: int) -> bool:
     return True
 
 
+# --- verify ------------------------------------------------------------------------------------------------------
+
+EXIT_VERIFY_FAILED = 5
+# Re-encoding runs at another batch composition than the run did: tokens must agree on this share of
+# positions (the hardening issue's rule; they may differ only at near-ties).
+VERIFY_AGREEMENT = 0.999
+
+
+def _stored_tokens(out: Path, fmt: str, record: Mapping[str, Any]) -> dict[int, np.ndarray]:
+    """Every stored sample of one shard: source index -> its tokens as written (flat indices or layout ids)."""
+    shard = int(record["shard"])
+    stored: dict[int, np.ndarray] = {}
+    if fmt == "wds":
+        with tarfile.open(out / shard_files(fmt, shard)[0]) as archive:
+            members = {m.name: m for m in archive.getmembers()}
+            for name in members:
+                if name.endswith(".json"):
+                    meta = json.loads(archive.extractfile(members[name]).read())  # type: ignore[union-attr]
+                    grid = np.load(io.BytesIO(archive.extractfile(members[name[:-5] + ".npy"]).read()))  # type: ignore[union-attr]
+                    tokens = meta.get("tokens")
+                    stored[int(meta["index"])] = np.asarray(tokens) if tokens is not None else grid.reshape(-1)
+    elif fmt == "npy":
+        tokens_name, offsets_name, keys_name = shard_files(fmt, shard)
+        tokens, offsets = np.load(out / tokens_name), np.load(out / offsets_name)
+        for i, entry in enumerate(json.loads((out / keys_name).read_text())):
+            stored[int(entry["index"])] = tokens[offsets[i] : offsets[i + 1]]
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out / shard_files(fmt, shard)[0]).to_pydict()
+        for index, tokens in zip(table["index"], table["tokens"], strict=True):
+            stored[int(index)] = np.asarray(tokens)
+    return stored
+
+
+def verify(out: Path, samples: int = 8, seed: int = 0) -> list[str]:
+    """Problems found in a finished output folder (empty: all good): every shard file against the manifest's
+    size and sha256, then ``samples`` random stored samples re-encoded from the input with the manifest's
+    checkpoint and options, their tokens compared by the batch-composition rule."""
+    manifest_path = Path(out) / "manifest.json"
+    if not manifest_path.is_file():
+        raise TokenizeError(f"{manifest_path}: missing (not a vqtok tokenize output, or not all its ranks "
+                            "have finished)")
+    manifest = json.loads(manifest_path.read_text())
+    config, fmt = manifest["config"], manifest["config"]["format"]
+    problems = []
+    intact = []
+    for record in manifest["shards"]:
+        broken = [name for name, meta in record["files"].items() if not (Path(out) / name).is_file()
+                  or (Path(out) / name).stat().st_size != meta["bytes"] or _sha256(Path(out) / name) != meta["sha256"]]
+        problems += [f"shard {record['shard']}: {name} is missing or differs from the manifest (size/sha256)"
+                     for name in broken]
+        if not broken:
+            intact.append(record)
+    from vqtok.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_checkpoint(config["checkpoint"], device="cpu")
+    if tokenizer.model_id != manifest["model"]["model_id"]:
+        return [*problems, f"checkpoint {config['checkpoint']!r} is model {tokenizer.model_id[:12]}, the output was "
+                f"made by {manifest['model']['model_id'][:12]}"]
+    layout = tokenizer.layout(config["layout"]) if config.get("layout") else None
+    source = open_input(config["input"])
+    stored = {index: tokens for record in intact for index, tokens in _stored_tokens(Path(out), fmt, record).items()}
+    rng = np.random.default_rng(seed)
+    for index in sorted(rng.choice(sorted(stored), size=min(samples, len(stored)), replace=False).tolist()):
+        grid = tokenizer.encode(source[index].image, size=config["size"], fit=config["fit"])
+        fresh = np.asarray(layout.to_tokens(grid)) if layout is not None else grid.reshape(-1)
+        old = stored[index]
+        agreement = float((fresh == old).mean()) if fresh.shape == old.shape else 0.0
+        if agreement < VERIFY_AGREEMENT:
+            problems.append(f"sample {index} ({source[index].key}): re-encoded tokens agree on {agreement:.2%} of "
+                            f"positions (need {VERIFY_AGREEMENT:.1%})")
+    return problems
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqtok tokenize", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, TokenizeConfig, ENV_PREFIX, title="tokenize (env VQTOK_TOKENIZE_*)")
@@ -464,7 +539,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 every image tokenized; 3 finished, but some images failed (listed in the manifest);
-    4 stopped by --max-failures; 2 bad arguments or input."""
+    4 stopped by --max-failures; 2 bad arguments or input. ``--verify DIR``: 0 all good, 5 problems found."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--verify"]:  # vqtok tokenize --verify DIR [--samples N]
+        verify_parser = argparse.ArgumentParser(prog="vqtok tokenize --verify")
+        verify_parser.add_argument("--verify", type=Path, required=True, metavar="DIR")
+        verify_parser.add_argument("--samples", type=int, default=8, help="stored samples to re-encode")
+        verify_args = verify_parser.parse_args(argv)
+        try:
+            problems = verify(verify_args.verify, verify_args.samples)
+        except TokenizeError as exc:
+            print(f"vqtok tokenize: error: {exc}", file=sys.stderr)
+            return 2
+        for problem in problems:
+            print(f"vqtok tokenize --verify: {problem}", file=sys.stderr)
+        print(f"vqtok tokenize --verify {verify_args.verify}: " + (f"{len(problems)} problem(s)" if problems else "ok"))
+        return EXIT_VERIFY_FAILED if problems else 0
     args = build_parser().parse_args(argv)
     config = config_from_args(TokenizeConfig, args)
     try:
