@@ -323,3 +323,30 @@ def test_verify_passes_a_good_output_and_catches_a_tampered_shard(tiny_checkpoin
     assert main(["--verify", str(out)]) == 5
     assert f"shard 1: {first.name} is missing or differs from the manifest" in capsys.readouterr().err
     assert main(["--verify", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_killed_process_resumes_to_identical_output(tiny_checkpoint: Path, folder: Path, tmp_path: Path) -> None:
+    """A real `python -m vqtok.tokenize` killed (SIGKILL) after a few shards, rerun with the same command:
+    the output folder ends byte-identical to an uninterrupted run's."""
+    import time
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "vqtok.tokenize", "--checkpoint", str(tiny_checkpoint), "--input", str(folder),
+                "--out", str(out), "--size", "32", "--fit", "crop", "--device", "cpu", "--shard-size", "1",
+                "--batch-size", "1"]
+
+    listing = tmp_path / "many.txt"  # 56 items, one shard each: plenty left to do at the kill
+    listing.write_text("\n".join(sorted(str(p) for p in folder.rglob("*.png")) * 8))
+    folder = listing
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "shard-00002.tar").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    assert process.wait(timeout=60) == -9  # killed mid-run, not finished
+    assert not json.loads((killed / "manifest.json").read_text())["complete"]
+    subprocess.run(command(killed), env=env, check=True, capture_output=True, timeout=300)
+    assert _tree(killed) == _tree(tmp_path / "whole")
