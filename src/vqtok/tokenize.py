@@ -42,9 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from vqtok.model.data.lists import ListSource
 from vqtok.model.data.source import BaseSource, SourceItem, UnreadableImage, open_source
-from vqtok.model.data.tar import IMAGE_EXTENSIONS, TarSource  # noqa: F401 (kept importable from here)
 from vqtok.model.options import add_config_arguments, config_from_args
 
 ENV_PREFIX = "VQTOK_TOKENIZE_"
@@ -568,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_FAILED_IMAGES if manifest["totals"]["failed"] else 0
 
 
-__all__ = ["ListSource", "TarSource", "TokenizeConfig", "TokenizeError", "main", "open_input", "run"]
+__all__ = ["TokenizeConfig", "TokenizeError", "main", "open_input", "run"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
