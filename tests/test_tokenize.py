@@ -149,7 +149,7 @@ def test_killed_run_resumes_to_identical_output(tiny_checkpoint: Path, folder: P
     (resumed / ".shard-00001.tar.tmp-999").write_bytes(b"partial")  # a write cut short by the kill
     run(_config(tiny_checkpoint, str(folder), resumed), progress=False)
     assert (resumed / "shard-00000.tar").stat().st_mtime_ns == first  # skipped, not redone
-    (resumed / ".shard-00001.tar.tmp-999").unlink()
+    assert not (resumed / ".shard-00001.tar.tmp-999").exists()  # the resume removed the leftover
     assert _tree(resumed) == _tree(tmp_path / "whole")
     with pytest.raises(ValueError, match="other options"):
         run(_config(tiny_checkpoint, str(folder), resumed, size="64"), progress=False)

@@ -307,6 +307,11 @@ def run(config: TokenizeConfig, *, stop_after_shards: int | None = None, progres
         manifest["complete"] = complete
         _atomic_write(out / place.manifest_name, json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
 
+    # Temp files a killed run of this rank left behind (its own shards and manifest only: other ranks may
+    # be writing theirs right now).
+    for name in [place.manifest_name, *(n for shard in mine for n in shard_files(config.format, shard))]:
+        for stale in out.glob(f".{name}.tmp-*"):
+            stale.unlink(missing_ok=True)
     todo = []
     for shard in mine:
         if shard in done and _shard_present(out, done[shard]):
