@@ -31,6 +31,7 @@ from vqtok.service.middleware import AdmissionMiddleware, MetricsMiddleware, Req
 from vqtok.service.routers import OPENAPI_TAGS, codebook, decode, encode, health, info, layouts
 from vqtok.service.settings import Settings
 from vqtok.service.state import ServiceState
+from vqtok.service.web import install as install_web
 
 logger = logging.getLogger("vqtok.service.app")
 
@@ -44,6 +45,7 @@ VQ-VAE image tokenizer. `POST /encode` turns images into `h x w` grids of codebo
   (the `flat` layout), or the sequence of another token layout (`layout=NAME`; `GET /layouts` lists them).
 - Errors: `{"error": "...", "error_type": "..."}` with 400/401/404/405/406/408/413/415/422/429/503/504.
 - Timing headers: `x-queue-time-ms`, `x-inference-time-ms`, `x-total-time-ms`, `x-batch-size`.
+- The token explorer at `/` is a page built on this API alone; these docs are served without internet.
 """
 
 
@@ -130,11 +132,14 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_tags=OPENAPI_TAGS,
+        docs_url=None,  # the offline docs (service.web) replace FastAPI's CDN pages
+        redoc_url=None,
     )
     app.state.service = state
     install_error_handlers(app)
     for router in (health.router, encode.router, decode.router, codebook.router, info.router, layouts.router):
         app.include_router(router)
+    install_web(app)  # the token explorer at /, its assets, and /docs + /redoc from local files
     # add_middleware wraps outside-in in reverse order: metrics sees every answer (401, 413, 429 included),
     # admission decides from headers before the body middleware reads a byte.
     app.add_middleware(RequestBodyMiddleware, settings=lambda: (settings.max_body_bytes, settings.body_timeout_s))

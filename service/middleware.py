@@ -37,9 +37,12 @@ from vqtok.service.metrics import ServiceMetrics
 if TYPE_CHECKING:
     from vqtok.service.state import ServiceState
 
-# Paths anyone may open: liveness, readiness, metrics, and the API contract and its docs pages (a
+# Paths anyone may open: liveness, readiness, metrics, the token explorer page, the API contract and its docs pages (a
 # browser cannot send a bearer key when it opens a page, and the contract is not a secret).
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+                          "/"})
+# ...and everything under these: the token explorer's assets and the docs' vendored scripts (service.web).
+PUBLIC_PREFIXES = ("/web/",)
 # Paths whose requests carry bodies and queue model work: admission control applies to them.
 WORK_PATHS = frozenset({"/encode", "/decode"})
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -93,7 +96,7 @@ class AdmissionMiddleware:
         settings = state.settings
         path = scope["path"]
         try:
-            if settings.api_key is not None and path not in PUBLIC_PATHS:
+            if settings.api_key is not None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
                 check_api_key(settings.api_key.get_secret_value(), _header(scope, b"authorization"))
             if path not in WORK_PATHS:
                 await self.app(scope, receive, send)

@@ -42,6 +42,77 @@ WireInt = Annotated[
 ]
 
 
+# ------------------------------------------------------------------------------------------------
+# Request examples, one per input form: the OpenAPI document shows them (/docs, /redoc) and
+# tests/test_openapi_docs.py sends each to a real server. Every value works with any model: the
+# image is a real 8x8 PNG, sizes are multiples of 16, codes are below 64, the layout is a preset.
+# ------------------------------------------------------------------------------------------------
+
+EXAMPLE_PNG = (  # 8x8 RGB gradient
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAGUlEQVR42mNkYGhQYGDARCwMCgxYweCUAABobwJednxjlwAAAABJRU5ErkJggg=="
+)
+
+# /encode's examples carry only `images`: its options go in the query here (a body field overrides the query
+# field of the same name, so an example with options would hide what the query says).
+_OPTIONS_NOTE = ("Options (size, fit, offset, bos, eos, tokens, layout) go in the query, or as body fields, which "
+                 "override the query's.")
+ENCODE_JSON_EXAMPLES: dict[str, dict[str, Any]] = {
+    "base64": {
+        "summary": "One base64 image",
+        "description": _OPTIONS_NOTE,
+        "value": {"images": [EXAMPLE_PNG]},
+    },
+    "data_url": {
+        "summary": "A data: URL",
+        "description": _OPTIONS_NOTE,
+        "value": {"images": [f"data:image/png;base64,{EXAMPLE_PNG}"]},
+    },
+    "several": {
+        "summary": "Several images, either form",
+        "description": "One entry per image in the answer, in order. " + _OPTIONS_NOTE,
+        "value": {"images": [EXAMPLE_PNG, f"data:image/png;base64,{EXAMPLE_PNG}"]},
+    },
+}
+
+# lumina-like: boi 8197, size prefix 8804 + h and 8804 + w, each row's ids (offset 4) then eol 8803, eoi 8196.
+_LUMINA_2X3 = [8197, 8806, 8807, 5, 6, 7, 8803, 8, 9, 10, 8803, 8196]
+
+DECODE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "indices": {
+        "summary": "One grid of raw codes (answers with the PNG)",
+        "value": {"indices": [[1, 2, 3], [4, 5, 6]]},
+    },
+    "several_grids": {
+        "summary": "Several grids (answers JSON with base64 WebP images, cropped)",
+        "value": {"indices": [[[1, 2], [3, 4]], [[5, 6], [7, 8]]], "format": "webp", "quality": 90,
+                  "crop_to": {"width": 6, "height": 5}},
+    },
+    "flat_tokens": {
+        "summary": "Flat LLM tokens with their offset, bos, eos and grid",
+        "value": {"tokens": [31998, 32001, 32002, 32003, 32004, 32005, 32006, 31999], "grid": [2, 3],
+                  "offset": 32000, "bos": 31998, "eos": 31999, "format": "jpeg"},
+    },
+    "layout": {
+        "summary": "Tokens in a layout that carries the grid (no `grid` needed)",
+        "value": {"tokens": _LUMINA_2X3, "layout": "lumina-like"},
+    },
+    "lenient": {
+        "summary": "A sequence cut short, repaired leniently (repairs reported)",
+        "description": "With `Accept: application/json` the repairs are in the JSON; on an image answer, in the "
+                       "x-vqtok-repairs headers.",
+        "value": {"tokens": _LUMINA_2X3[:9], "layout": "lumina-like", "repair": "lenient"},
+    },
+    "extract": {
+        "summary": "Images inside a mixed sequence (text ids around them)",
+        "value": {"tokens": [101, 102, *_LUMINA_2X3, 103], "layout": "lumina-like", "extract": True},
+    },
+}
+
+
+def _values(examples: dict[str, dict[str, Any]]) -> list[Any]:
+    return [example["value"] for example in examples.values()]
+
+
 # 'N' or 'WxH', positive, at most six digits each (what service.imaging.parse_size reads).
 SIZE_PATTERN = r"^\s*[1-9][0-9]{0,5}\s*(?:[xX×]\s*[1-9][0-9]{0,5})?\s*$"
 
@@ -56,7 +127,7 @@ class ErrorResponse(BaseModel):
 class ModelIdentity(BaseModel):
     """Which tokenizer produced or reads the tokens: compare ``model_id`` before mixing token sets."""
 
-    name: str
+    name: str = Field(description="the checkpoint's name (its provenance name)", examples=["vqtok-default-f4"])
     weights_sha256: str = Field(description="sha256 of the weights file alone")
     model_id: str = Field(
         description="sha256 over the weights and every config field that changes tokens (architecture, "
@@ -68,8 +139,10 @@ class ModelIdentity(BaseModel):
 
 
 class ImageSize(BaseModel):
-    width: JsonInt = Field(ge=1)
-    height: JsonInt = Field(ge=1)
+    """An image size in pixels."""
+
+    width: JsonInt = Field(ge=1, description="pixels across")
+    height: JsonInt = Field(ge=1, description="pixels down")
 
 
 # A loaded layout's name (GET /layouts): a preset or a layout file's `name`.
@@ -115,10 +188,12 @@ class EncodeJSONRequest(EncodeOptions):
 
     The options are those of ``EncodeOptions`` with JSON's types (no "5" for 5, no 1 for true)."""
 
-    offset: JsonTokenId = EncodeOptions.model_fields["offset"].default
-    bos: JsonTokenId | None = None
-    eos: JsonTokenId | None = None
-    tokens: StrictBool = False
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": _values(ENCODE_JSON_EXAMPLES)})
+
+    offset: JsonTokenId = Field(0, description=EncodeOptions.model_fields["offset"].description)
+    bos: JsonTokenId | None = Field(None, description=EncodeOptions.model_fields["bos"].description)
+    eos: JsonTokenId | None = Field(None, description=EncodeOptions.model_fields["eos"].description)
+    tokens: StrictBool = Field(False, description=EncodeOptions.model_fields["tokens"].description)
 
     # minItems/minLength are published for clients; the handler refuses empty input with its own message.
     images: list[Annotated[str, Field(json_schema_extra={"format": "byte", "minLength": 1})]] = Field(
@@ -138,19 +213,23 @@ class EncodedImage(BaseModel):
     )
     tokens: list[int] | None = Field(
         None, description="the grid as an LLM reads it: with the flat layout [bos] + (indices + offset) + [eos], "
-        "else the sequence of `layout`; present when asked for (or a layout is in use)"
+        "else the sequence of `layout`; present when asked for (or a layout is in use). null when not asked for: "
+        "every image has the same keys (like `bos`/`eos`, which are null when not given), so a client reads "
+        "`image['tokens']` without a key check and null says plainly 'not requested' rather than 'empty'"
     )
 
 
 class EncodeResponse(BaseModel):
-    model: ModelIdentity
-    fit: FitMode
-    offset: int
-    bos: int | None
-    eos: int | None
+    """``POST /encode`` as JSON: the model that made the tokens, the options as applied, one entry per image."""
+
+    model: ModelIdentity = Field(description="the tokenizer that produced these indices (compare `model_id`)")
+    fit: FitMode = Field(description="how each image was fitted to its encoded size (the request's `fit`)")
+    offset: int = Field(description="the flat layout's offset added to every index in `tokens` (0: none)")
+    bos: int | None = Field(description="the flat layout's begin-of-image id put before `tokens` (null: none)")
+    eos: int | None = Field(description="the flat layout's end-of-image id put after `tokens` (null: none)")
     layout: str | None = Field(None, description="the layout of `tokens`, when a layout was asked for or is the "
                                                  "server's default (absent: today's flat offset/bos/eos tokens)")
-    images: list[EncodedImage]
+    images: list[EncodedImage] = Field(description="one per image sent, in the order sent")
 
 
 def _one_grid_source(schema: dict[str, Any]) -> None:
@@ -181,11 +260,16 @@ def _one_grid_source(schema: dict[str, Any]) -> None:
     ]
 
 
+def _decode_schema(schema: dict[str, Any]) -> None:
+    _one_grid_source(schema)
+    schema["examples"] = _values(DECODE_EXAMPLES)
+
+
 class DecodeRequest(BaseModel):
     """``POST /decode``: one or several grids as ``indices``, or as ``tokens`` (with their ``grid``, or a
     ``layout`` that carries it)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _one_grid_source(schema))
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: _decode_schema(schema))
 
     indices: list[list[list[WireInt]]] | list[list[WireInt]] | None = Field(
         None, description="one h x w grid, or a list of grids; `offset` is subtracted from every value"
@@ -198,9 +282,18 @@ class DecodeRequest(BaseModel):
         None, description="[h, w] of every `tokens` sequence; with a layout that carries the shape (size prefix, "
         "end-of-row ids, a fixed grid) it may be left out"
     )
-    offset: JsonTokenId = 0
-    bos: JsonTokenId | None = None
-    eos: JsonTokenId | None = None
+    offset: JsonTokenId = Field(
+        0, description="the flat layout's offset: subtracted from every value of `indices` or `tokens` (the "
+        "`offset` given to /encode); with another `layout` it is refused"
+    )
+    bos: JsonTokenId | None = Field(
+        None, description="the flat layout's begin-of-image id: a leading `bos` in `tokens` is stripped when "
+        "present (the `bos` given to /encode)"
+    )
+    eos: JsonTokenId | None = Field(
+        None, description="the flat layout's end-of-image id: a trailing `eos` in `tokens` is stripped when "
+        "present (the `eos` given to /encode)"
+    )
     format: OutputFormat = Field("png", description="image format of the answer")
     quality: JsonInt = Field(95, ge=1, le=100, description="JPEG / WebP quality")
     crop_to: ImageSize | list[ImageSize] | None = Field(
@@ -244,16 +337,22 @@ class RepairInfo(BaseModel):
     """One change lenient decoding made to a token sequence."""
 
     position: int = Field(description="index in the sequence (for a missing id: where it was assumed)")
-    kind: Literal["missing", "short_row", "cut_short", "long_row", "replaced", "unexpected", "extra", "size"]
-    detail: str
+    kind: Literal["missing", "short_row", "cut_short", "long_row", "replaced", "unexpected", "extra", "size"] = (
+        Field(description="missing: a structure id (or the size prefix) assumed; short_row: a row ended early, "
+                          "its cells padded; long_row: a row's extra cells dropped; cut_short: the sequence ended "
+                          "inside the image, the rest padded; replaced: a cell that was no image id, padded; "
+                          "unexpected: an id where a structure id belonged, dropped; extra: ids after the end, "
+                          "dropped; size: a size prefix for another grid, replaced")
+    )
+    detail: str = Field(description="what was repaired, in words")
 
 
 class DecodedImage(BaseModel):
     image: str = Field(description="base64 image file")
-    media_type: str
-    width: int
-    height: int
-    grid: tuple[int, int]
+    media_type: str = Field(description="the image's media type (from `format`)", examples=["image/png"])
+    width: int = Field(description="image width in pixels (grid width x f, or crop_to's)")
+    height: int = Field(description="image height in pixels (grid height x f, or crop_to's)")
+    grid: tuple[int, int] = Field(description="[h, w] of the decoded grid")
     repairs: list[RepairInfo] | None = Field(None, description="with a layout: what lenient decoding repaired "
                                                                "(empty: nothing)")
     sequence: int | None = Field(None, description="extract: the index of the `tokens` sequence holding the image")
@@ -263,9 +362,9 @@ class DecodedImage(BaseModel):
 class DecodeResponse(BaseModel):
     """Several grids: JSON with base64 images (one grid answers with the image bytes themselves)."""
 
-    model: ModelIdentity
+    model: ModelIdentity = Field(description="the tokenizer that decoded the grids")
     layout: str | None = Field(None, description="the layout the tokens were read with (absent: flat offset/bos/eos)")
-    images: list[DecodedImage]
+    images: list[DecodedImage] = Field(description="one per grid, in order")
 
 
 class LayoutsResponse(BaseModel):
@@ -292,10 +391,12 @@ class AllowedResponse(BaseModel):
 
 
 class CodebookResponse(BaseModel):
-    model: ModelIdentity
-    num_embeddings: int
-    embedding_dim: int
-    downsample: int
+    """``GET /codebook``."""
+
+    model: ModelIdentity = Field(description="the tokenizer whose codebook this is")
+    num_embeddings: int = Field(description="K: the number of codes")
+    embedding_dim: int = Field(description="D: size of one code vector")
+    downsample: int = Field(description="f: image side / grid side")
     usage: list[int] | None = Field(description="per-code counts recorded at training time (the final held-out "
                                           "evaluation), if the checkpoint has them")
     perplexity: float | None = Field(description="exp(entropy) of the usage distribution (K = perfectly even); "
@@ -305,26 +406,28 @@ class CodebookResponse(BaseModel):
 
 
 class InfoResponse(BaseModel):
-    model: ModelIdentity
+    """``GET /info``."""
+
+    model: ModelIdentity = Field(description="the loaded tokenizer")
     config: dict[str, Any] = Field(description="the checkpoint's network config (all that encode and decode read)")
     checkpoint: dict[str, Any] = Field(
         description="the checkpoint folder's name and its record's other sections: format, format_version, "
                     "codebook_training, provenance (name, steps, training, data, hardware, ...), metrics"
     )
-    device: str
+    device: str = Field(description="where the model runs", examples=["cpu", "cuda:0"])
     dtype: str = Field(description="compute dtype of the convolutions (the quantizer always runs in float32)")
-    limits: dict[str, Any]
+    limits: dict[str, Any] = Field(description="every request limit in force (the VQTOK_MAX_* settings), by name")
     layout: str = Field(description="the default token layout (GET /layouts lists them all)")
     layouts: list[str] = Field(description="the names of the loaded layouts")
     auth: bool = Field(description="whether an API key is required")
-    version: str
-    ready: bool
+    version: str = Field(description="the vqtok version serving")
+    ready: bool = Field(description="always true: /info answers 503 until the model is ready")
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok"] = Field("ok", description="the process is up (the model may still be loading)")
 
 
 class ReadyResponse(BaseModel):
-    ready: bool
-    status: str
+    ready: bool = Field(description="the model is loaded and warmed up")
+    status: str = Field(description="'ready'")

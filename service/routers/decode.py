@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
+from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Body, Depends, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -18,7 +19,7 @@ from vqtok.service.layouts import LayoutGrids, decode_layout, parse_with_layout,
 from vqtok.service.limits import check_decode_limits
 from vqtok.service.parsing import DecodeInput, build_grids, crop_sizes, parse_decode
 from vqtok.service.responses import ERROR_RESPONSES, model_headers, timing_headers
-from vqtok.service.schemas import DecodedImage, DecodeRequest, DecodeResponse, RepairInfo
+from vqtok.service.schemas import DECODE_EXAMPLES, DecodedImage, DecodeRequest, DecodeResponse, RepairInfo
 
 router = APIRouter(tags=["decode"])
 
@@ -49,7 +50,8 @@ def _render_images(pixels: Sequence[np.ndarray], crops: Sequence[Size | None], b
     dependencies=[Depends(require_json)],
     summary="Token grids -> images",
 )
-async def decode(body: DecodeRequest, ready: ReadyModel, state: State, want_json: AcceptsJson) -> Response:
+async def decode(body: Annotated[DecodeRequest, Body(openapi_examples=DECODE_EXAMPLES)], ready: ReadyModel,
+                 state: State, want_json: AcceptsJson) -> Response:
     """Decode ``indices`` (raw or offset) or an LLM's ``tokens`` (flat, or in a layout) back to images."""
     settings, engine = ready.settings, ready.engine
     f = engine.config.downsample

@@ -26,7 +26,14 @@ from vqtok.service.layouts import encode_layout, one_line
 from vqtok.service.limits import check_encode_size, check_request_tokens
 from vqtok.service.parsing import EncodeInput, read_encode_body
 from vqtok.service.responses import ERROR_RESPONSES, NPY, model_headers, npy_bytes, timing_headers
-from vqtok.service.schemas import EncodedImage, EncodeJSONRequest, EncodeOptions, EncodeResponse, ImageSize
+from vqtok.service.schemas import (
+    ENCODE_JSON_EXAMPLES,
+    EncodedImage,
+    EncodeJSONRequest,
+    EncodeOptions,
+    EncodeResponse,
+    ImageSize,
+)
 from vqtok.service.settings import Settings
 from vqtok.service.tokens import to_tokens
 
@@ -57,8 +64,8 @@ ENCODE_BODY = {
                 "required": ["image"],
                 "additionalProperties": False,
             }},
-            "application/json": {"schema": EncodeJSONRequest.model_json_schema()},
-            **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in IMAGE_CONTENT_TYPES[:4]},
+            "application/json": {"schema": EncodeJSONRequest.model_json_schema(), "examples": ENCODE_JSON_EXAMPLES},
+            **{ct: {"schema": {"type": "string", "format": "binary"}} for ct in IMAGE_CONTENT_TYPES},
         },
     }
 }

@@ -24,7 +24,14 @@ async def ready_endpoint(state: State) -> ReadyResponse:
     return ReadyResponse(ready=True, status="ready")
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text exposition format: requests by route and status, latency, "
+                     "queue wait, batch sizes, images and tokens, readiness",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    summary="Prometheus metrics",
+)
 async def metrics(state: State) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)

@@ -31,6 +31,7 @@ from vqtok.service.imaging import (
     DecodeBudget,
     FitMode,
     FittedImage,
+    Size,
     fit_image,
     load_fitted,
     parse_size,
@@ -84,19 +85,8 @@ class Tokenizer:
                 ) -> list[FittedImage]:
         """Each image as the model takes it: (H, W, 3) uint8 brought to ``size`` by ``fit`` (see /encode)."""
         target = parse_size(size) if size is not None else None
-        f = self.downsample
-        fitted = []
-        for i, image in enumerate(images):
-            where = f"images[{i}]"
-            if isinstance(image, str | os.PathLike):
-                image = Path(image).read_bytes()
-            if isinstance(image, bytes | bytearray | memoryview):
-                data = bytes(image)
-                header = probe_image(data, _NO_LIMIT, where)
-                fitted.append(load_fitted(data, header, target, fit, f, self._budget, _NO_LIMIT, where))
-                continue
-            fitted.append(fit_image(_pixels(image, where), target, fit, f, where))
-        return fitted
+        return [prepare_image(image, target, fit, self.downsample, self._budget, _NO_LIMIT, f"images[{i}]")
+                for i, image in enumerate(images)]
 
     def encode(self, images: Sequence[ImageLike] | ImageLike, size: str | None = None, fit: FitMode = "pad"
                ) -> np.ndarray | list[np.ndarray]:
@@ -186,6 +176,24 @@ class Tokenizer:
         return [output for output in outputs if output is not None]
 
 
+def prepare_image(image: ImageLike, target: Size | None, fit: FitMode, downsample: int, budget: DecodeBudget,
+                  max_pixels: int = _NO_LIMIT, where: str = "image") -> FittedImage:
+    """One image as the model takes it (``Tokenizer.prepare``'s work, usable without a model, e.g. in a
+    DataLoader worker): ``(H, W, 3)`` uint8 pixels brought to ``target`` by ``fit``, a multiple of ``downsample``.
+
+    Encoded bytes (or a path) go through the service's header-first path: ``probe_image`` refuses more than
+    ``max_pixels`` before decoding, ``load_fitted`` decodes under ``budget``. Raises the service's errors
+    (``ServiceError``) for a refused or corrupt image, ``ValueError`` / ``TypeError`` for a bad array or object.
+    """
+    if isinstance(image, str | os.PathLike):
+        image = Path(image).read_bytes()
+    if isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+        header = probe_image(data, max_pixels, where)
+        return load_fitted(data, header, target, fit, downsample, budget, max_pixels, where)
+    return fit_image(_pixels(image, where), target, fit, downsample, where)
+
+
 def _pixels(image: ImageLike, where: str) -> np.ndarray:
     """A Pillow image or a uint8 array as (H, W, 3) uint8 RGB (alpha on white, as the service does)."""
     if isinstance(image, np.ndarray):
@@ -201,4 +209,4 @@ def _pixels(image: ImageLike, where: str) -> np.ndarray:
                     "image or a uint8 array")
 
 
-__all__ = ["Tokenizer"]
+__all__ = ["Tokenizer", "prepare_image"]
