@@ -101,9 +101,10 @@ def compute_model_id(network: NetworkConfig, weights_sha256: str) -> str:
     codebook size, quantizer kind, normalisation) can change a token, and all are hashed, as canonical
     JSON (sorted keys, no spaces); ``CodebookTrainingConfig`` (losses, EMA, restarts) cannot change an
     encode or decode output and is left out, so two checkpoints with equal ids tokenize identically.
-    The recipe (``MODEL_ID_FORMAT``) is the one version-1 records were written with: ids are unchanged.
+    The recipe (``MODEL_ID_FORMAT``) is the one version-1 records were written with: ids are unchanged
+    (fields added since are hashed only when they differ from their defaults, ``NetworkConfig.identity_dict``).
     """
-    payload = {"format": MODEL_ID_FORMAT, "weights_sha256": weights_sha256, "config": network.to_dict()}
+    payload = {"format": MODEL_ID_FORMAT, "weights_sha256": weights_sha256, "config": network.identity_dict()}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -26,7 +26,20 @@ from typing import Any, Literal, Self
 
 import torch
 
-QuantizerKind = Literal["ema", "plain"]
+QuantizerKind = Literal["ema", "plain", "fsq"]
+ArchitectureKind = Literal["seed", "vqgan"]
+
+#: The published channel multipliers of the VQGAN family per downsampling factor (taming-transformers and
+#: latent-diffusion's VQ first stages, LlamaGen's VQ-8 / VQ-16): one level per entry, f = 2 ** (levels - 1).
+PUBLISHED_CHANNEL_MULTIPLIERS: dict[int, tuple[int, ...]] = {4: (1, 2, 4), 8: (1, 2, 2, 4), 16: (1, 1, 2, 2, 4)}
+
+#: NetworkConfig fields added after the first checkpoint format. ``model_id`` leaves such a field out while it
+#: holds its default (an absent key loads as the default, so nothing is ambiguous): the ids of every
+#: checkpoint written before the field existed stay what they were.
+FIELDS_HASHED_ONLY_WHEN_SET: tuple[str, ...] = (
+    "arch", "channel_multipliers", "num_res_blocks", "attention_levels", "mid_attention", "z_channels",
+    "norm_groups", "code_dim", "l2_normalize", "fsq_levels",
+)
 
 # Upper bounds, checked before any tensor is allocated, so a mistyped or hostile config.json is a clear
 # error instead of an out-of-memory crash. Per field: far above any VQ-VAE tokenizer (the bundled one has
@@ -41,7 +54,12 @@ FIELD_MAXIMA: dict[str, int] = {
     "num_embeddings": 1 << 20,
     "dead_code_window": 1_000_000_000,
     "kmeans_iters": 1000,
+    "num_res_blocks": 64,
+    "z_channels": 4096,
+    "norm_groups": 4096,
+    "code_dim": 4096,
 }
+MAX_LEVELS = 8  # VQGAN levels: f = 2 ** (levels - 1) is at most 16, so 5 are needed; 8 bounds a typo
 MAX_PARAMETERS = 2_000_000_000
 
 
@@ -59,9 +77,15 @@ class _StrictFields:
             value = getattr(self, name)
             if kind == "floats":
                 object.__setattr__(self, name, tuple(float(v) for v in value))
+            elif kind == "ints":
+                object.__setattr__(self, name, tuple(value))
             elif kind == "float":
                 object.__setattr__(self, name, float(value))
+        self.resolve()
         self.validate()
+
+    def resolve(self) -> None:
+        """Fill fields whose default depends on other fields (before ``validate``); none by default."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field out of range; nothing is allocated."""
@@ -103,15 +127,43 @@ class NetworkConfig(_StrictFields):
     """What defines one VQ-VAE network: everything ``encode`` and ``decode`` compute with.
 
     Attributes:
+      arch: the encoder/decoder family. "seed": the seed's VQ-VAE (strided 4x4 convs, ReLU residual
+        stacks, transposed-conv upsampling; van den Oord et al. 2017). "vqgan": the VQGAN family
+        (taming-transformers, LlamaGen, Chameleon): GroupNorm/SiLU residual blocks, channel multipliers per
+        level, optional self-attention, nearest-neighbour upsampling followed by a convolution.
       in_channels: image channels (3, RGB).
-      num_hiddens: channels of the encoder/decoder trunk.
-      num_residual_hiddens: channels inside each residual block.
-      num_residual_layers: residual blocks in each residual stack.
-      embedding_dim: D, the size of one codebook vector (channels after the 1x1 pre-VQ conv).
-      num_embeddings: K, the number of codebook vectors (the token vocabulary).
-      quantizer: "ema" (codebook learned by exponential moving averages) or "plain" (codebook learned
-        by gradient through the codebook loss). It picks the module that runs the search (and its
-        buffers), even though both kinds search the same way today, so it belongs to the network.
+      num_hiddens: seed: channels of the encoder/decoder trunk. vqgan: the base channels of level 0 (the
+        published 128), multiplied per level by ``channel_multipliers``.
+      num_residual_hiddens: seed only: channels inside each residual block.
+      num_residual_layers: seed only: residual blocks in each residual stack.
+      embedding_dim: D, the channels the quantizer receives and returns (after the 1x1 projection from
+        the encoder; LlamaGen's VQ models use 8, taming's 256).
+      num_embeddings: K, the number of codes (the token vocabulary). With "fsq" it must equal the product
+        of ``fsq_levels``.
+      quantizer: "ema" (codebook learned by exponential moving averages), "plain" (codebook learned by
+        gradient through the codebook loss) or "fsq" (finite scalar quantization: no learned codebook,
+        each channel rounded to a few levels; Mentzer et al. 2023). It picks the module that holds the
+        codes (and its buffers), so it belongs to the network.
+      code_dim: "ema" / "plain": 0 searches the codes in D itself; > 0 searches low-dimensional codes
+        (ViT-VQGAN's factorised codes): a learned projection D -> code_dim before the search and
+        code_dim -> D after the lookup, so the codebook is (K, code_dim).
+      l2_normalize: "ema" / "plain": l2-normalise the (projected) latents and the codes, so the nearest
+        code is the one of highest cosine similarity (ViT-VQGAN, LlamaGen); keeps big codebooks in use.
+      fsq_levels: "fsq" only: levels per channel, e.g. (8, 5, 5, 5) for K = 1,000 or (8, 8, 8, 5, 5, 5)
+        for K = 64,000 (the paper's recommendations); the quantizer projects D -> len(levels) and back.
+      channel_multipliers: vqgan only: channels of level i = ``num_hiddens * channel_multipliers[i]``;
+        f = 2 ** (levels - 1). Empty means the published multipliers for ``downsample``: (1, 2, 4) for f=4,
+        (1, 2, 2, 4) for f=8, (1, 1, 2, 2, 4) for f=16.
+      num_res_blocks: vqgan only: residual blocks per encoder level (the decoder has one more per level),
+        published 2.
+      attention_levels: vqgan only: levels (0 = full resolution) whose blocks are followed by
+        self-attention. The published models put it at the lowest resolution (taming's
+        ``attn_resolutions=[16]`` at 256 px is level 4 of 5); empty means none (cheapest on CPU).
+      mid_attention: vqgan only: self-attention in the middle block between the two residual blocks
+        (published: on).
+      z_channels: vqgan only: channels at the encoder output and decoder input, around the 1x1 projections
+        to and from D (published 256).
+      norm_groups: vqgan only: GroupNorm groups (published 32); every level's channels must divide by it.
       downsample: f, the ratio image side / token-grid side: 4, 8 or 16.
       pixel_mean, pixel_std: per-channel normalisation applied to images in [0, 1]:
         ``x = (pixels - mean) / std``. The seed's (0.5, 1.0) maps pixels to [-0.5, 0.5].
@@ -127,55 +179,120 @@ class NetworkConfig(_StrictFields):
     downsample: int = 4
     pixel_mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
     pixel_std: tuple[float, ...] = field(default=(1.0, 1.0, 1.0))
+    arch: ArchitectureKind = "seed"
+    channel_multipliers: tuple[int, ...] = ()
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = ()
+    mid_attention: bool = True
+    z_channels: int = 256
+    norm_groups: int = 32
+    code_dim: int = 0
+    l2_normalize: bool = False
+    fsq_levels: tuple[int, ...] = ()
+
+    def resolve(self) -> None:
+        """vqgan with no ``channel_multipliers``: the published ones for ``downsample``."""
+        if self.arch == "vqgan" and not self.channel_multipliers and self.downsample in PUBLISHED_CHANNEL_MULTIPLIERS:
+            object.__setattr__(self, "channel_multipliers", PUBLISHED_CHANNEL_MULTIPLIERS[self.downsample])
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of range (see ``FIELD_MAXIMA``).
 
         Every bound is checked arithmetically, before a model is built: nothing is allocated.
         """
-        for name in ("in_channels", "num_hiddens", "num_residual_hiddens", "embedding_dim", "num_embeddings"):
+        for name in ("in_channels", "num_hiddens", "num_residual_hiddens", "embedding_dim", "num_embeddings",
+                     "z_channels", "norm_groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self._check_common()
-        if self.num_residual_layers < 0:
-            raise ValueError(f"num_residual_layers must be >= 0, got {self.num_residual_layers}")
+        for name in ("num_residual_layers", "num_res_blocks", "code_dim"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.downsample not in (4, 8, 16):
             raise ValueError(f"downsample must be 4, 8 or 16, got {self.downsample}")
-        if self.quantizer not in ("ema", "plain"):
-            raise ValueError(f"quantizer must be 'ema' or 'plain', got {self.quantizer!r}")
+        if self.arch not in ("seed", "vqgan"):
+            raise ValueError(f"arch must be 'seed' or 'vqgan', got {self.arch!r}")
+        if self.quantizer not in ("ema", "plain", "fsq"):
+            raise ValueError(f"quantizer must be 'ema', 'plain' or 'fsq', got {self.quantizer!r}")
         for name in ("pixel_mean", "pixel_std"):
             if len(getattr(self, name)) != self.in_channels:
                 raise ValueError(f"{name} needs {self.in_channels} values, got {len(getattr(self, name))}")
         if any(s <= 0 for s in self.pixel_std):
             raise ValueError(f"pixel_std must be > 0, got {self.pixel_std}")
+        self._validate_arch()
+        self._validate_quantizer()
         if (count := self.parameter_count()) > MAX_PARAMETERS:
             raise ValueError(
                 f"the model would hold {count:,} numbers (parameters and buffers), more than the limit of "
                 f"{MAX_PARAMETERS:,}; lower num_hiddens, num_residual_hiddens, embedding_dim or num_embeddings"
             )
 
+    def _validate_arch(self) -> None:
+        if self.arch == "seed":
+            for name in ("channel_multipliers", "attention_levels"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} is a vqgan setting; arch 'seed' takes none (got {getattr(self, name)})")
+            return
+        multipliers = self.channel_multipliers
+        if not 1 <= len(multipliers) <= MAX_LEVELS:
+            raise ValueError(f"channel_multipliers needs 1 to {MAX_LEVELS} levels, got {len(multipliers)}")
+        if 2 ** (len(multipliers) - 1) != self.downsample:
+            raise ValueError(
+                f"channel_multipliers {multipliers} has {len(multipliers)} levels, which downsample by "
+                f"{2 ** (len(multipliers) - 1)}, but downsample is {self.downsample} "
+                f"(f = 2 ** (levels - 1); the published ones for f={self.downsample}: "
+                f"{PUBLISHED_CHANNEL_MULTIPLIERS[self.downsample]})"
+            )
+        if any(not 1 <= m <= 64 for m in multipliers):
+            raise ValueError(f"channel_multipliers must be in [1, 64], got {multipliers}")
+        if any(not 0 <= level < len(multipliers) for level in self.attention_levels):
+            raise ValueError(f"attention_levels must be in [0, {len(multipliers) - 1}], got {self.attention_levels}")
+        for channels in (self.num_hiddens, *(self.num_hiddens * m for m in multipliers)):
+            if channels % self.norm_groups:
+                raise ValueError(
+                    f"every level's channels must divide by norm_groups {self.norm_groups}: num_hiddens "
+                    f"{self.num_hiddens} x channel_multipliers {multipliers} gives {channels}"
+                )
+        if self.num_hiddens * max(multipliers) > FIELD_MAXIMA["num_hiddens"]:
+            raise ValueError(
+                f"num_hiddens x the largest channel multiplier must be <= {FIELD_MAXIMA['num_hiddens']}, got "
+                f"{self.num_hiddens * max(multipliers)}"
+            )
+
+    def _validate_quantizer(self) -> None:
+        if self.quantizer != "fsq":
+            if self.fsq_levels:
+                raise ValueError(f"fsq_levels is an 'fsq' setting; quantizer {self.quantizer!r} takes none")
+            return
+        if self.code_dim or self.l2_normalize:
+            raise ValueError("code_dim and l2_normalize are codebook settings; the 'fsq' quantizer takes neither")
+        if not 1 <= len(self.fsq_levels) <= 16 or any(not 2 <= level <= 256 for level in self.fsq_levels):
+            raise ValueError(f"fsq_levels needs 1 to 16 levels, each in [2, 256], got {self.fsq_levels}")
+        if math.prod(self.fsq_levels) != self.num_embeddings:
+            raise ValueError(
+                f"num_embeddings must be the product of fsq_levels {self.fsq_levels} "
+                f"({math.prod(self.fsq_levels)}), got {self.num_embeddings}"
+            )
+
+    def identity_dict(self) -> dict[str, Any]:
+        """What ``model_id`` hashes: every field, except the later ones (``FIELDS_HASHED_ONLY_WHEN_SET``)
+        while they hold their defaults, so ids of checkpoints written before those fields existed hold."""
+        defaults = type(self)()
+        return {name: value for name, value in self.to_dict().items()
+                if name not in FIELDS_HASHED_ONLY_WHEN_SET or getattr(self, name) != getattr(defaults, name)}
+
     def parameter_count(self) -> int:
         """Numbers in the model's tensors (parameters and buffers), computed from the config alone.
 
-        Mirrors ``model.blocks`` and ``model.quantizer`` exactly (a test checks it against
-        ``VQVAE(network).state_dict()``), so the size is known before anything is allocated. Only the
-        network decides it: no training-only field adds or resizes a tensor.
+        The network is built on PyTorch's ``meta`` device, where tensors have shapes and no storage:
+        nothing is allocated, and the count is exactly ``VQVAE(network).state_dict()``'s (a test checks it).
+        Only the network decides it: no training-only field adds or resizes a tensor.
         """
-        c, h, r = self.in_channels, self.num_hiddens, self.num_residual_hiddens
-        d, k = self.embedding_dim, self.num_embeddings
-        half, extra_stages = h // 2, self.num_downsamples - 2
-        residual_stack = self.num_residual_layers * (h * r * 9 + r * h)  # 3x3 and 1x1 convs, no bias
-        # weights + biases of: the two first 4x4 stride-2 convs, the further ones, the 3x3 conv, the residual stack
-        encoder = ((c * half * 16 + half) + (half * h * 16 + h) + extra_stages * (h * h * 16 + h)
-                   + (h * h * 9 + h) + residual_stack)
-        pre_vq = h * d + d
-        quantizer = k * d + k + 1  # codebook, steps_since_used, initialized
-        if self.quantizer == "ema":
-            quantizer += k + k * d  # ema_cluster_size, ema_embedding_sum
-        # the 3x3 conv in, the residual stack, the 4x4 stride-2 transposed convs back to the image
-        decoder = ((d * h * 9 + h) + residual_stack + extra_stages * (h * h * 16 + h)
-                   + (h * half * 16 + half) + (half * c * 16 + c))
-        return encoder + pre_vq + quantizer + decoder
+        from vqtok.model.vqvae import VQVAE  # the network modules import this module
+
+        with torch.device("meta"):
+            model = VQVAE(self)
+        return sum(tensor.numel() for tensor in model.state_dict().values())
 
     @property
     def num_downsamples(self) -> int:
@@ -207,8 +324,11 @@ class CodebookTrainingConfig(_StrictFields):
         batch's encoder outputs; 0 disables restarts.
       dead_code_threshold: "ema" only: a code whose EMA cluster size (vectors per step) falls below
         this is re-seeded too, so rarely used codes move to where the data is (0 disables).
-      kmeans_init: initialise the codebook by k-means on the first training batch.
+      kmeans_init: initialise the codebook by k-means on encoder outputs before the first step.
       kmeans_iters: Lloyd iterations of that k-means.
+      kmeans_vectors_per_code: the trainer gathers encoder outputs from as many batches as it takes to
+        have this many vectors per code (10 x K: 81,920 vectors for K = 8,192) before running k-means;
+        one batch is far too few for a big codebook.
     """
 
     commitment_cost: float = 0.25
@@ -218,6 +338,7 @@ class CodebookTrainingConfig(_StrictFields):
     dead_code_threshold: float = 0.0
     kmeans_init: bool = False
     kmeans_iters: int = 10
+    kmeans_vectors_per_code: int = 10
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of range."""
@@ -234,11 +355,15 @@ class CodebookTrainingConfig(_StrictFields):
             raise ValueError(f"dead_code_threshold must be >= 0, got {self.dead_code_threshold}")
         if self.kmeans_iters < 1:
             raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+        if not 1 <= self.kmeans_vectors_per_code <= 1000:
+            raise ValueError(f"kmeans_vectors_per_code must be in [1, 1000], got {self.kmeans_vectors_per_code}")
 
     def check_network(self, network: NetworkConfig) -> None:
         """Raise ``ValueError`` if a setting needs a quantizer kind ``network`` does not have."""
         if self.dead_code_threshold > 0 and network.quantizer != "ema":
             raise ValueError("dead_code_threshold needs the 'ema' quantizer (it reads the EMA cluster sizes)")
+        if self.kmeans_init and network.quantizer == "fsq":
+            raise ValueError("kmeans_init needs a codebook; the 'fsq' quantizer has none (its codes are fixed)")
 
 
 def _is_int(value: object) -> bool:
@@ -264,11 +389,13 @@ def _check_type(name: str, kind: str, value: object) -> None:
         raise TypeError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
     if kind == "floats" and not (isinstance(value, list | tuple) and all(_is_number(v) for v in value)):
         raise TypeError(f"{name} must be a list of numbers, got {value!r}")
+    if kind == "ints" and not (isinstance(value, list | tuple) and all(_is_int(v) for v in value)):
+        raise TypeError(f"{name} must be a list of integers, got {value!r}")
 
 
 @functools.cache
 def _field_kinds(cls: type) -> dict[str, str]:
-    """Field name -> "int", "float", "bool", "str" (a Literal) or "floats" (a tuple of floats), in field order."""
+    """Field name -> "int", "float", "bool", "str" (a Literal), "floats" or "ints" (tuples), in field order."""
     kinds: dict[str, str] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -276,7 +403,7 @@ def _field_kinds(cls: type) -> dict[str, str]:
         if typing.get_origin(annotation) is Literal:
             kinds[f.name] = "str"
         elif typing.get_origin(annotation) is tuple:
-            kinds[f.name] = "floats"
+            kinds[f.name] = "ints" if typing.get_args(annotation)[0] is int else "floats"
         else:
             kinds[f.name] = {int: "int", float: "float", bool: "bool", str: "str"}[annotation]
     return kinds

@@ -5,9 +5,9 @@ pydantic ``BaseModel`` / ``BaseSettings`` (each field's ``description``). Each f
 flag ``--some-name`` and the environment variable ``{prefix}SOME_NAME``; the flag's help is the field's
 documentation followed by ``[env {prefix}SOME_NAME; default ...]``. Precedence: flag > environment variable >
 the class's default. ``bool`` fields are ``--name`` / ``--no-name``; ``Literal`` fields have choices;
-``X | None`` counts as ``X``; ``tuple[float, ...]`` fields take several values (comma-separated in the
-environment); ``list[X]`` fields are repeatable flags (comma-separated in the environment). A field without
-a default is a required flag, unless its environment variable is set.
+``X | None`` counts as ``X``; ``tuple[float, ...]`` and ``tuple[int, ...]`` fields take several values
+(comma-separated in the environment); ``list[X]`` fields are repeatable flags (comma-separated in the
+environment). A field without a default is a required flag, unless its environment variable is set.
 
 Dataclasses and plain pydantic models read the environment here, when the flags are added. A pydantic-settings
 class reads its environment itself (its ``env_prefix``), so its flags are only added when given.
@@ -65,8 +65,8 @@ def _converter(annotation: Any) -> tuple[Any, Any]:
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
         return type(choices[0]), choices
-    if origin is tuple:
-        return float, None
+    if origin is tuple:  # tuple[int, ...] or tuple[float, ...]: each value parsed as the element type
+        return typing.get_args(annotation)[0], None
     if origin is list:  # a repeatable flag: each value parsed as the element type
         (element,) = typing.get_args(annotation) or (str,)
         return _converter(element)
@@ -165,7 +165,8 @@ def _show(default: Any) -> str:
 
 def _from_text(annotation: Any, text: str) -> Any:
     if typing.get_origin(_unwrap_optional(annotation)) is tuple:
-        return tuple(float(v) for v in text.split(","))
+        parse, _ = _converter(annotation)
+        return tuple(parse(v.strip()) for v in text.split(",") if v.strip())
     if typing.get_origin(_unwrap_optional(annotation)) is list:
         parse, _ = _converter(annotation)
         return [parse(v.strip()) for v in text.split(",") if v.strip()]
@@ -213,8 +214,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix:
         annotation = _unwrap_optional(field.annotation)
         if annotation is bool:
             group.add_argument(*options, action=argparse.BooleanOptionalAction, **kwargs)
-        elif typing.get_origin(annotation) is tuple:
-            group.add_argument(*options, type=float, nargs="+", **kwargs)
+        elif typing.get_origin(annotation) is tuple:  # several values; none at all gives the empty tuple
+            parse, _ = _converter(annotation)
+            group.add_argument(*options, type=parse, nargs="*", **kwargs)
         elif typing.get_origin(annotation) is list:  # repeat the flag; it replaces the environment's list
             parse, choices = _converter(annotation)
             if not reads_env_itself:

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
-from vqtok.model.quantizer import perplexity_of
+from vqtok.model.quantizers import perplexity_of
 
 FORMAT = "vqtok-checkpoint"
 FORMAT_VERSION = 2

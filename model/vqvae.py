@@ -1,4 +1,10 @@
-"""The VQ-VAE: encoder -> 1x1 pre-VQ conv -> vector quantizer -> decoder."""
+"""The VQ-VAE: encoder -> 1x1 pre-VQ conv -> quantizer -> (1x1 post-VQ conv) -> decoder.
+
+Two encoder/decoder families share this wrapper, the config's ``arch`` picks one: the seed's
+(``model.networks.seed``) and the VQGAN family (``model.networks.vqgan``, which adds the 1x1 projection
+back from the code dimension D to ``z_channels`` before its decoder). The quantizer (``model.quantizers``)
+and the ``encode`` / ``decode`` / ``codebook`` contract are the same for both.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vqtok.model.blocks import Decoder, Encoder
 from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
-from vqtok.model.quantizer import VectorQuantizer, VectorQuantizerEMA
+from vqtok.model.networks import seed, vqgan
+from vqtok.model.quantizers import build_quantizer
 
 
 @dataclass
@@ -33,22 +39,6 @@ class VQVAEOutput:
     counts: torch.Tensor
 
 
-def build_quantizer(network: NetworkConfig, training: CodebookTrainingConfig) -> VectorQuantizer | VectorQuantizerEMA:
-    """The quantizer ``network.quantizer`` names, (K, D) as the network says, learning as ``training`` says."""
-    health = {
-        "dead_code_window": training.dead_code_window,
-        "kmeans_init": training.kmeans_init,
-        "kmeans_iters": training.kmeans_iters,
-    }
-    if network.quantizer == "ema":
-        return VectorQuantizerEMA(
-            network.num_embeddings, network.embedding_dim, training.commitment_cost,
-            decay=training.decay, epsilon=training.epsilon, dead_code_threshold=training.dead_code_threshold,
-            **health,
-        )
-    return VectorQuantizer(network.num_embeddings, network.embedding_dim, training.commitment_cost, **health)
-
-
 class VQVAE(nn.Module):
     """Images (B, C, H, W) <-> token grids (B, H/f, W/f) of indices into a (K, D) codebook.
 
@@ -67,15 +57,29 @@ class VQVAE(nn.Module):
         self.codebook_training = codebook_training or CodebookTrainingConfig()
         self.codebook_training.check_network(self.network)
         c = self.network
-        self.encoder = Encoder(
-            c.in_channels, c.num_hiddens, c.num_residual_hiddens, c.num_residual_layers, c.num_downsamples
-        )
-        self.pre_vq_conv = nn.Conv2d(c.num_hiddens, c.embedding_dim, kernel_size=1)
+        self.encoder: nn.Module
+        self.decoder: nn.Module
+        if c.arch == "vqgan":
+            levels = {
+                "channels": c.num_hiddens, "channel_multipliers": c.channel_multipliers,
+                "num_res_blocks": c.num_res_blocks, "attention_levels": c.attention_levels,
+                "mid_attention": c.mid_attention, "z_channels": c.z_channels, "norm_groups": c.norm_groups,
+            }
+            self.encoder = vqgan.VQGANEncoder(c.in_channels, **levels)
+            self.pre_vq_conv = nn.Conv2d(c.z_channels, c.embedding_dim, kernel_size=1)  # z -> D
+            self.post_vq_conv: nn.Module = nn.Conv2d(c.embedding_dim, c.z_channels, kernel_size=1)  # D -> z
+            self.decoder = vqgan.VQGANDecoder(c.in_channels, **levels)
+        else:
+            self.encoder = seed.Encoder(
+                c.in_channels, c.num_hiddens, c.num_residual_hiddens, c.num_residual_layers, c.num_downsamples
+            )
+            self.pre_vq_conv = nn.Conv2d(c.num_hiddens, c.embedding_dim, kernel_size=1)
+            self.post_vq_conv = nn.Identity()  # the seed's decoder takes D channels directly
+            self.decoder = seed.Decoder(
+                c.embedding_dim, c.in_channels, c.num_hiddens, c.num_residual_hiddens,
+                c.num_residual_layers, c.num_downsamples,
+            )
         self.quantizer = build_quantizer(c, self.codebook_training)
-        self.decoder = Decoder(
-            c.embedding_dim, c.in_channels, c.num_hiddens, c.num_residual_hiddens,
-            c.num_residual_layers, c.num_downsamples,
-        )
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -122,7 +126,7 @@ class VQVAE(nn.Module):
         self.check_images(x)
         quantized = self.quantizer(self.latents(x))
         return VQVAEOutput(
-            reconstruction=self.decoder(quantized.quantized),
+            reconstruction=self.decoder(self.post_vq_conv(quantized.quantized)),
             vq_loss=quantized.loss,
             perplexity=quantized.perplexity,
             codes_used=quantized.codes_used,
@@ -140,4 +144,4 @@ class VQVAE(nn.Module):
         self.check_indices(indices)
         vectors = self.quantizer.lookup(indices.long())  # (B, h, w, D)
         quantized = vectors.permute(0, 3, 1, 2).contiguous()  # (B, D, h, w)
-        return self.decoder(quantized.to(self.pre_vq_conv.weight.dtype))
+        return self.decoder(self.post_vq_conv(quantized.to(self.pre_vq_conv.weight.dtype)))

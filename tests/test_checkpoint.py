@@ -229,6 +229,9 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
         "in_channels", "num_hiddens", "num_residual_hiddens", "num_residual_layers", "embedding_dim",
         "num_embeddings", "quantizer", "downsample", "pixel_mean", "pixel_std",
         "commitment_cost", "decay", "epsilon", "dead_code_window", "dead_code_threshold", "kmeans_init", "kmeans_iters",
+        # added with the VQGAN family and the new quantizers (hashed only when set, so old ids hold)
+        "arch", "channel_multipliers", "num_res_blocks", "attention_levels", "mid_attention", "z_channels",
+        "norm_groups", "code_dim", "l2_normalize", "fsq_levels", "kmeans_vectors_per_code",
     }
     assert not network & training
     base = compute_model_id(TINY, "0" * 64)
@@ -240,14 +243,29 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
         "quantizer": {"quantizer": "plain"}, "downsample": {"downsample": 4},
         "pixel_mean": {"pixel_mean": [0.4, 0.5, 0.5]}, "pixel_std": {"pixel_std": [1.0, 1.0, 0.5]},
     }
-    assert set(token_changes) == network
+    # the later fields, each against a base where it matters: a VQGAN network, an FSQ quantizer
+    vqgan = dataclasses.replace(TINY, arch="vqgan", num_hiddens=16, norm_groups=8, z_channels=16)
+    fsq = dataclasses.replace(TINY, quantizer="fsq", fsq_levels=(4, 8), num_embeddings=32)
+    later_changes = {
+        "arch": (TINY, {"arch": "vqgan", "norm_groups": 8}), "code_dim": (TINY, {"code_dim": 4}),
+        "l2_normalize": (TINY, {"l2_normalize": True}),
+        "channel_multipliers": (vqgan, {"channel_multipliers": (1, 1, 2, 2)}),
+        "num_res_blocks": (vqgan, {"num_res_blocks": 1}), "attention_levels": (vqgan, {"attention_levels": (3,)}),
+        "mid_attention": (vqgan, {"mid_attention": False}), "z_channels": (vqgan, {"z_channels": 8}),
+        "norm_groups": (vqgan, {"norm_groups": 4}), "fsq_levels": (fsq, {"fsq_levels": (8, 4)}),
+    }
+    assert set(token_changes) | set(later_changes) == network
     for name, change in token_changes.items():
         assert compute_model_id(dataclasses.replace(TINY, **change), "0" * 64) != base, name
+    for name, (later_base, change) in later_changes.items():
+        before_change = compute_model_id(later_base, "0" * 64)
+        assert compute_model_id(dataclasses.replace(later_base, **change), "0" * 64) != before_change, name
     # lists and tuples, 1 and 1.0: the same config, the same id
     assert compute_model_id(NetworkConfig.from_dict({**TINY.to_dict(), "pixel_std": [1, 1, 1]}), "0" * 64) == base
     # every training-only field edited in a written checkpoint: the same id, and it still loads
     training_changes = {"commitment_cost": 0.5, "decay": 0.9, "epsilon": 1e-3, "dead_code_window": 5,
-                        "dead_code_threshold": 0.5, "kmeans_init": True, "kmeans_iters": 3}
+                        "dead_code_threshold": 0.5, "kmeans_init": True, "kmeans_iters": 3,
+                        "kmeans_vectors_per_code": 20}
     assert set(training_changes) == training
     before = load_checkpoint(trained).model_id
     _edit_fields(trained, training_changes)

@@ -68,6 +68,8 @@ def _two_values(field: ConfigField) -> tuple[str, list[str], Any, Any]:
         others = [c for c in typing.get_args(annotation) if c != default]
         flag_value = next(c for c in typing.get_args(annotation) if c != others[0])
         return str(others[0]), [flag, str(flag_value)], others[0], flag_value
+    if typing.get_origin(annotation) is tuple and typing.get_args(annotation)[0] is int:
+        return "1,2,2,4", [flag, "1", "1", "2", "2", "4"], (1, 2, 2, 4), (1, 1, 2, 2, 4)
     if typing.get_origin(annotation) is tuple:
         return "0.1,0.2,0.3", [flag, "0.4", "0.5", "0.6"], (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
     if typing.get_origin(annotation) is list:  # a repeatable flag; comma-separated in the environment

@@ -667,3 +667,51 @@ def test_a_small_folder_trains_and_evaluate_picks_the_right_images(tmp_path: Pat
     assert elsewhere["images"] == 5 and elsewhere["split"] == "all"  # none of them was trained on
     assert vqtok(["train", *flags[:-4], "--heldout", "half", "--out", str(tmp_path / "x")]) == 2
     assert "--heldout 'half': give a fraction" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- fixed split, crops per image, augment
+
+
+def test_a_train_and_heldout_folder_has_that_fixed_split_whatever_the_heldout_rule(tmp_path: Path) -> None:
+    for split, names in (("train", ["a", "b", "c"]), ("heldout", ["d"])):
+        (tmp_path / split).mkdir()
+        for i, name in enumerate(names):
+            Image.fromarray(_noise(16, 16, seed=i)).save(tmp_path / split / f"{name}.png")
+    for rule in ("0.5", "3", "0"):
+        source = data.FolderSource(tmp_path).with_heldout(rule)
+        assert [p.name for p in source.with_split("heldout").files] == ["d.png"]
+        assert [p.name for p in source.with_split("train").files] == ["a.png", "b.png", "c.png"]
+    # one image outside the two folders: the layout is not a fixed split any more, the hash rule applies
+    Image.fromarray(_noise(16, 16)).save(tmp_path / "loose.png")
+    assert data.FolderSource(tmp_path, "heldout", 0.0).files == []
+
+
+def test_crops_per_image_and_augmented_crops_are_deterministic_and_cover_every_image(tmp_path: Path) -> None:
+    for i in range(3):
+        Image.fromarray(np.full((40, 60, 3), 80 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    crops = data.ImageFolder.from_source(data.FolderSource(tmp_path, "all"), 16, crops_per_image=4, augment=True,
+                                         cache_decoded=True)
+    assert len(crops) == 12
+    # item i is a crop of image i // 4: a flat image gives a flat crop of its own grey
+    assert [round(float(crops[i].mean()) * 255) for i in (0, 4, 11)] == [0, 80, 160]
+    assert torch.equal(crops[5], crops[5])
+    textured = data.ImageFolder.from_source(data.FolderSource(tmp_path, "all"), 16)
+    Image.fromarray(_noise(40, 60)).save(tmp_path / "0.png")
+    fresh = data.ImageFolder.from_source(data.FolderSource(tmp_path, "all"), 16, augment=True)
+    windows = {tuple(fresh[0].shape)}
+    fresh.set_epoch(1)
+    assert not torch.equal(fresh[0], (fresh.set_epoch(0), fresh[0])[1])  # a new epoch, new crops
+    assert windows == {(3, 16, 16)} and len(textured) == 3
+    with pytest.raises(ValueError, match="crops_per_image must be >= 1"):
+        data.ImageFolder.from_source(data.FolderSource(tmp_path, "all"), 16, crops_per_image=0)
+
+
+def test_augmented_crop_sees_up_to_twice_the_context_and_flips() -> None:
+    ramp = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))  # brightness grows to the right
+    spans, flips = [], 0
+    for seed in range(40):
+        crop = data.augmented_crop(ramp, 16, np.random.default_rng(seed)).astype(int)
+        spans.append(abs(crop[:, -1, 0].mean() - crop[:, 0, 0].mean()) / 4)  # source columns the crop spans
+        flips += crop[:, -1, 0].mean() < crop[:, 0, 0].mean()
+    assert min(spans) >= 13 and max(spans) > 24  # windows of 16 to 32 source pixels, resized to 16
+    assert 8 <= flips <= 32

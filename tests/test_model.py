@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from vqtok.model import quantizer as quantizer_module
 from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
-from vqtok.model.quantizer import VectorQuantizer, VectorQuantizerEMA, kmeans, nearest_code, perplexity_of
+from vqtok.model.quantizers import VectorQuantizer, VectorQuantizerEMA, kmeans, nearest_code, perplexity_of
+from vqtok.model.quantizers import search as quantizer_module
 from vqtok.model.vqvae import VQVAE
 
 TINY = {"num_hiddens": 16, "num_residual_hiddens": 8, "embedding_dim": 8, "num_embeddings": 32}
@@ -256,7 +256,7 @@ def test_the_quantizer_combines_statistics_through_its_injected_reducer(monkeypa
     """Single-process code never touches torch.distributed; an injected reducer sees every statistic."""
     import torch.distributed as dist
 
-    from vqtok.model.quantizer import Reducer, VectorQuantizerEMA
+    from vqtok.model.quantizers import Reducer, VectorQuantizerEMA
 
     def no_distributed(*args: object, **kwargs: object) -> bool:
         raise AssertionError("the quantizer looked at torch.distributed")

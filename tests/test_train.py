@@ -201,7 +201,9 @@ def test_the_model_flags_are_those_of_both_configs() -> None:
 def test_evaluate_json_reports_the_documented_keys(short_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert evaluate_main(["--checkpoint", str(short_run / "checkpoint"), "--data", "photos", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"mse", "nmse", "psnr", "perplexity", "codes_used", "num_embeddings"} <= set(report)
+    assert {"mse", "nmse", "psnr", "perplexity", "codes_used", "num_embeddings", "ssim", "grid",
+            "grid_original"} <= set(report)
+    assert 0 < report["ssim"] < 1 and report["grid"] >= 1 and 1 <= report["grid_original"] < 1.2
     assert report["num_embeddings"] == 32 and report["images"] == 3  # the three held-out photos, full size
     assert report["model_id"] == load_checkpoint(short_run / "checkpoint").model_id
     assert evaluate_main(["--checkpoint", str(short_run / "checkpoint"), "--crop", "16", "--json"]) == 0

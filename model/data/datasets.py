@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from vqtok.model.data.cifar import Cifar10Source
@@ -46,6 +47,7 @@ __all__ = [
     "ImageFolder",
     "PhotoCrops",
     "SourceCrops",
+    "augmented_crop",
     "build_dataset",
     "check_size",
     "data_variance",
@@ -62,6 +64,8 @@ log = logging.getLogger(__name__)
 MODES: tuple[str, ...] = ("crop", "resize")
 #: Seed of every held-out crop set: the evaluation set never depends on the training seed.
 HELDOUT_SEED = 20_240_601
+#: Decoded pixels a :class:`SourceCrops` keeps in memory (per process): a few dozen large photos.
+DECODED_CACHE_BYTES = 512 << 20
 #: Default number of crops per epoch of :class:`PhotoCrops`, by split.
 DEFAULT_PHOTO_LENGTH: dict[str, int] = {"train": 10_000, "heldout": 512, "all": 10_000}
 
@@ -91,6 +95,20 @@ def random_crop(array: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     return array[top : top + size, left : left + size]
 
 
+def augmented_crop(array: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``(H, W, 3)`` → ``(size, size, 3)``: a random square window of side ``size / scale``, scale uniform in
+    [0.5, 1] (so a crop sees up to twice the context, as if the photo were smaller), resized to ``size``
+    (bicubic, antialiased), flipped left-right with probability 1/2."""
+    array = ensure_min_side(array, size)
+    scale = float(rng.uniform(0.5, 1.0))
+    window = min(round(size / scale), *array.shape[:2])
+    top, left = random_crop_origin(array.shape[0], array.shape[1], window, rng)
+    crop = array[top : top + window, left : left + window]
+    if window != size:
+        crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BICUBIC))
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
 def check_size(image_size: int) -> None:
     """Raise ``ValueError`` unless ``image_size`` is a positive int."""
     if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or image_size < 1:
@@ -114,14 +132,21 @@ class SourceCrops(Dataset[torch.Tensor]):
         mode: ``"crop"`` - a random ``S`` x ``S`` crop (the image is first upscaled, aspect kept, when
             a side is shorter than ``S``); ``"resize"`` - the whole image resized to ``S`` x ``S``.
         seed: seed of the crops; item ``i`` of epoch ``e`` is a pure function of ``(seed, e, i)``.
+        crops_per_image: items per image and epoch (item ``i`` is a crop of image ``i // crops_per_image``).
+        augment: crop mode: random scale and flip (:func:`augmented_crop`) instead of a plain crop.
+        cache_decoded: keep decoded images in memory (up to ``DECODED_CACHE_BYTES``) instead of decoding
+            an image for every crop; an image that goes bad after its first use is then not noticed.
 
     Raises:
         ValueError: bad size or mode, or the source is empty (the source's message says why).
     """
 
-    def __init__(self, source: Source, image_size: int, mode: str = "crop", seed: int = 0) -> None:
+    def __init__(self, source: Source, image_size: int, mode: str = "crop", seed: int = 0, *,
+                 crops_per_image: int = 1, augment: bool = False, cache_decoded: bool = False) -> None:
         check_size(image_size)
         _check_mode(mode)
+        if crops_per_image < 1:
+            raise ValueError(f"crops_per_image must be >= 1, got {crops_per_image}")
         if isinstance(source, BaseSource):
             source.check_not_empty()  # the kind's own message (a folder tells skipped from split-empty)
         elif len(source) == 0:
@@ -131,6 +156,13 @@ class SourceCrops(Dataset[torch.Tensor]):
         self.mode = mode
         self.seed = seed
         self.epoch = 0
+        self.crops_per_image = crops_per_image
+        self.augment = augment
+        self.cache_decoded = cache_decoded
+        # With cache_decoded, the decoded images of a small source are kept after their first use (a few dozen
+        # photos decode once, not once per crop, in training); past DECODED_CACHE_BYTES, images decode per item.
+        self._decoded: dict[int, np.ndarray] = {}
+        self._decoded_bytes = 0
 
     @property
     def split(self) -> str:
@@ -141,32 +173,47 @@ class SourceCrops(Dataset[torch.Tensor]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.source) * self.crops_per_image
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        """Item ``index`` as ``(3, S, S)`` float32 in ``[0, 1]``.
+        """Item ``index`` (a crop of image ``index // crops_per_image``) as ``(3, S, S)`` float32 in ``[0, 1]``.
 
         If the item has become unreadable since the source was scanned, the next readable one
         (index + 1, + 2, ... modulo the length) is used instead, so the result stays deterministic.
         """
+        total = len(self)
+        if not -total <= index < total:
+            raise IndexError(f"index {index} out of range for {total} items")
+        index %= total
         n = len(self.source)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images")
-        index %= n
         rng = item_rng(self.seed, self.epoch, index)
         for offset in range(n):
+            image_index = (index // self.crops_per_image + offset) % n
             try:
-                array = to_pixels(self.source[(index + offset) % n].image)
+                array = self._pixels(image_index)
             except UnreadableImage as exc:  # the item went bad after the scan
                 log.warning("%s: cannot read %s; using the next image", self.source.name, exc)
                 continue
             return to_tensor(self._transform(array, rng))
         raise RuntimeError(f"{self.source.name}: no image of the split is readable any more")
 
+    def _pixels(self, image_index: int) -> np.ndarray:
+        """Image ``image_index`` of the source as ``(H, W, 3)`` uint8, from the cache when there."""
+        cached = self._decoded.get(image_index)
+        if cached is not None:
+            return cached
+        array = to_pixels(self.source[image_index].image)
+        if self.cache_decoded and self._decoded_bytes + array.nbytes <= DECODED_CACHE_BYTES:
+            self._decoded[image_index] = array
+            self._decoded_bytes += array.nbytes
+        return array
+
     def _transform(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``(H, W, 3)`` → ``(S, S, 3)`` uint8 by ``self.mode``."""
+        """``(H, W, 3)`` → ``(S, S, 3)`` uint8 by ``self.mode`` (and ``self.augment``)."""
         if self.mode == "resize":
             return resize_square(array, self.image_size)
+        if self.augment:
+            return augmented_crop(array, self.image_size, rng)
         return random_crop(array, self.image_size, rng)
 
 
@@ -207,10 +254,11 @@ class ImageFolder(SourceCrops):
         super().__init__(FolderSource(root, split, heldout_fraction), image_size, mode, seed)
 
     @classmethod
-    def from_source(cls, source: FolderSource, image_size: int, mode: str = "crop", seed: int = 0) -> ImageFolder:
-        """Crops of an already opened folder source (its scan is reused)."""
+    def from_source(cls, source: FolderSource, image_size: int, mode: str = "crop", seed: int = 0,
+                    **crops: Any) -> ImageFolder:
+        """Crops of an already opened folder source (its scan is reused); ``crops``: see :class:`SourceCrops`."""
         dataset = cls.__new__(cls)
-        SourceCrops.__init__(dataset, source, image_size, mode, seed)
+        SourceCrops.__init__(dataset, source, image_size, mode, seed, **crops)
         return dataset
 
     @property
@@ -376,32 +424,37 @@ def _capped(dataset: Dataset[torch.Tensor], length: int | None) -> Dataset[torch
 
 
 @functools.singledispatch
-def training_set(source: Source, image_size: int, seed: int, length: int | None, mode: str) -> Dataset[torch.Tensor]:
+def training_set(source: Source, image_size: int, seed: int, length: int | None, mode: str,
+                 **crops: Any) -> Dataset[torch.Tensor]:
     """The dataset of ``source``'s kind; items ``(3, S, S)`` float32 in ``[0, 1]``.
 
     Any source: :class:`SourceCrops` (``mode`` crops or resizes; ``length`` caps to evenly spaced
-    items). Registered kinds: photos → :class:`PhotoCrops` (``length`` crops per epoch), CIFAR-10 →
-    :class:`Cifar10` (``S`` must be 32), folder → :class:`ImageFolder`.
+    items; ``crops``: its ``crops_per_image`` and ``augment``). Registered kinds: photos →
+    :class:`PhotoCrops` (``length`` crops per epoch), CIFAR-10 → :class:`Cifar10` (``S`` must be 32),
+    folder → :class:`ImageFolder`.
     """
-    return _capped(SourceCrops(source, image_size, mode=mode, seed=seed), length)
+    return _capped(SourceCrops(source, image_size, mode=mode, seed=seed, **crops), length)
 
 
 @training_set.register
-def _(source: PhotoSource, image_size: int, seed: int, length: int | None, mode: str) -> Dataset[torch.Tensor]:
+def _(source: PhotoSource, image_size: int, seed: int, length: int | None, mode: str,
+      **crops: Any) -> Dataset[torch.Tensor]:  # its own crop count and flips
     n = DEFAULT_PHOTO_LENGTH[source.split] if length is None else length
     return PhotoCrops(source.split, image_size, n, seed=seed)
 
 
 @training_set.register
-def _(source: Cifar10Source, image_size: int, seed: int, length: int | None, mode: str) -> Dataset[torch.Tensor]:
+def _(source: Cifar10Source, image_size: int, seed: int, length: int | None, mode: str,
+      **crops: Any) -> Dataset[torch.Tensor]:  # whole 32x32 images: nothing to crop
     if image_size != 32:
         raise ValueError(f"CIFAR-10 images are 32x32; image_size must be 32, got {image_size}")
     return _capped(Cifar10.from_source(source), length)
 
 
 @training_set.register
-def _(source: FolderSource, image_size: int, seed: int, length: int | None, mode: str) -> Dataset[torch.Tensor]:
-    return _capped(ImageFolder.from_source(source, image_size, mode=mode, seed=seed), length)
+def _(source: FolderSource, image_size: int, seed: int, length: int | None, mode: str,
+      **crops: Any) -> Dataset[torch.Tensor]:
+    return _capped(ImageFolder.from_source(source, image_size, mode=mode, seed=seed, **crops), length)
 
 
 def build_dataset(
@@ -411,6 +464,7 @@ def build_dataset(
     seed: int = 0,
     length: int | None = None,
     mode: str = "crop",
+    **crops: Any,
 ) -> Dataset[torch.Tensor]:
     """The dataset a spec names; items ``(3, S, S)`` float32 in ``[0, 1]`` (``S = 32`` for CIFAR-10).
 
@@ -424,6 +478,8 @@ def build_dataset(
         length: photos - crops per epoch (default :data:`DEFAULT_PHOTO_LENGTH`); other kinds -
             optional cap (evenly spaced items).
         mode: crops of stored images (folder), ``"crop"`` or ``"resize"`` (see :class:`SourceCrops`).
+        crops: folder and other crop sources: ``crops_per_image``, ``augment`` (random scale + flip,
+            :func:`augmented_crop`) and ``cache_decoded`` of :class:`SourceCrops`; photos and CIFAR-10 ignore them.
 
     Raises:
         ValueError: bad spec, missing directory, empty split, or a wrong size for CIFAR-10.
@@ -432,7 +488,7 @@ def build_dataset(
     check_size(image_size)
     source = open_source(spec, split)
     crop_seed = HELDOUT_SEED if split == "heldout" else seed
-    return training_set(source, image_size, crop_seed, length, mode)
+    return training_set(source, image_size, crop_seed, length, mode, **crops)
 
 
 def iter_full_images(spec: DataSpec, split: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -2,7 +2,8 @@
 
 Files are not filtered by extension: every non-hidden file is tried with Pillow, and the ones it cannot
 identify or verify are skipped and counted. The train / held-out split is a hash of each file's POSIX
-relative path (:func:`is_heldout_path`), so a file keeps its split when others are added or removed.
+relative path (:func:`is_heldout_path`), so a file keeps its split when others are added or removed; a
+folder laid out as ``train/`` + ``heldout/`` has that fixed split instead (:func:`fixed_heldout`).
 
 Verifying means opening every file, so it is done once per folder state: :func:`index_folder` keeps
 the last few results keyed by the folder's listing (names, sizes, inodes, modification and change
@@ -99,6 +100,21 @@ def heldout_files(readable: tuple[str, ...], heldout_fraction: float, heldout_co
     if not chosen and heldout_fraction > 0.0:
         chosen = ranked[:1]
     return frozenset(chosen[: len(ranked) - 1])
+
+
+def fixed_heldout(readable: tuple[str, ...]) -> frozenset[str] | None:
+    """A folder laid out as ``train/`` and ``heldout/`` (every image in one of the two, both non-empty) has a
+    fixed split by folder: the images under ``heldout/``, whatever ``--heldout`` says. None otherwise."""
+    tops = {rel.split("/", 1)[0] if "/" in rel else "" for rel in readable}
+    if tops != {"train", "heldout"}:
+        return None
+    return frozenset(rel for rel in readable if rel.startswith("heldout/"))
+
+
+def _heldout_of(readable: tuple[str, ...], heldout_fraction: float, heldout_count: int | None = None
+                ) -> frozenset[str]:
+    fixed = fixed_heldout(readable)
+    return fixed if fixed is not None else heldout_files(readable, heldout_fraction, heldout_count)
 
 
 def _in_split(relative_path: str, split: str, heldout: frozenset[str]) -> bool:
@@ -215,7 +231,7 @@ def scan_folder(
     check_split(split)
     _check_fraction(heldout_fraction)
     index = index_folder(root)
-    heldout = heldout_files(index.readable, heldout_fraction)
+    heldout = _heldout_of(index.readable, heldout_fraction)
     files = [index.root / rel for rel in index.readable if _in_split(rel, split, heldout)]
     return FolderScan(index.root, files, [index.root / rel for rel in index.skipped], len(index.readable))
 
@@ -291,7 +307,7 @@ class FolderSource(BaseSource):
     def files(self) -> list[Path]:
         """The readable images of the split, in walk (sorted) order."""
         if self._files is None:
-            heldout = heldout_files(self.index.readable, self.heldout_fraction, self.heldout_count)
+            heldout = _heldout_of(self.index.readable, self.heldout_fraction, self.heldout_count)
             self._files = [self.root / rel for rel in self.index.readable if _in_split(rel, self.split, heldout)]
         return self._files
 

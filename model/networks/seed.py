@@ -34,9 +34,7 @@ class ResidualStack(nn.Module):
     def __init__(self, num_hiddens: int, num_residual_hiddens: int, num_residual_layers: int) -> None:
         super().__init__()
         # A list comprehension builds each block anew: `[Residual(...)] * n` would share one block n times.
-        self.layers = nn.ModuleList(
-            [Residual(num_hiddens, num_residual_hiddens) for _ in range(num_residual_layers)]
-        )
+        self.layers = nn.ModuleList([Residual(num_hiddens, num_residual_hiddens) for _ in range(num_residual_layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -62,8 +60,7 @@ class Encoder(nn.Module):
         convs = [nn.Conv2d(in_channels, num_hiddens // 2, kernel_size=4, stride=2, padding=1)]
         convs.append(nn.Conv2d(num_hiddens // 2, num_hiddens, kernel_size=4, stride=2, padding=1))
         convs.extend(
-            nn.Conv2d(num_hiddens, num_hiddens, kernel_size=4, stride=2, padding=1)
-            for _ in range(num_downsamples - 2)
+            nn.Conv2d(num_hiddens, num_hiddens, kernel_size=4, stride=2, padding=1) for _ in range(num_downsamples - 2)
         )
         self.downsamples = nn.ModuleList(convs)
         self.conv_out = nn.Conv2d(num_hiddens, num_hiddens, kernel_size=3, padding=1)

@@ -1,0 +1,1 @@
+"""Encoder/decoder networks: the seed VQ-VAE and the VQGAN family (``vqgan``)."""

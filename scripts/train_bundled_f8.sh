@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The bundled LLM-grade model (model/weights/vqgan-f8) and its baseline, exactly as trained; each command
+# resumes where it stopped when run again (--resume once a checkpoint exists).
+#   bash scripts/train_bundled_f8.sh vqgan      # VQGAN family, f=8, K=8192, l2-normalised 8-dim codes
+#   bash scripts/train_bundled_f8.sh seed       # the seed architecture and recipe (EMA, restarts, no k-means)
+#                                               # at f=8, K=8192: same steps, batch and data
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-data/photos-v1}
+[ -d "$DATA" ] || python scripts/build_photo_set.py --out "$DATA"
+COMMON=(--data "$DATA" --downsample 8 --num-embeddings 8192 --steps 2000 --batch-size 32 --image-size 64
+        --crops-per-image 64 --augment --eval-every 250 --checkpoint-every 100 --heldout-crops 256)
+case "${1:-vqgan}" in
+  vqgan) OUT=runs/vqgan-f8; ARGS=(--arch vqgan --num-hiddens 32 --channel-multipliers 1 2 2 4 --num-res-blocks 2
+                                 --mid-attention --norm-groups 8 --z-channels 64 --embedding-dim 8 --l2-normalize
+                                 --kmeans-init --name vqtok-vqgan-f8) ;;
+  seed)  OUT=runs/seed-f8; ARGS=(--name vqtok-seed-f8-k8192) ;;
+  *) echo "usage: $0 vqgan|seed" >&2; exit 2 ;;
+esac
+RESUME=()
+[ -f "$OUT/trainer_state.pt" ] && RESUME=(--resume)
+exec vqtok train "${COMMON[@]}" "${ARGS[@]}" --out "$OUT" "${RESUME[@]}"
