@@ -23,6 +23,7 @@ import pickle
 import platform
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -229,6 +230,11 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
+#: ``codes_used_window`` counts the distinct codes of the last batches holding this many tokens per code (5 x K):
+#: one batch has far fewer tokens than a big codebook has codes, so per-batch counts cannot show its use.
+USAGE_WINDOW_TOKENS_PER_CODE = 5
+USAGE_WINDOW_MAX_STEPS = 1000
+
 FIGURE_MAX_SIDE = 768  # held-out images larger than this are shown (and measured) scaled down to it
 
 
@@ -383,6 +389,9 @@ class Trainer:
         self.normalised_variance = data_variance / (sum(network.pixel_std) / len(network.pixel_std)) ** 2
         self.autocast = self.device.type == "cuda"  # bf16 convolutions on GPU; the quantizer stays float32
         self.log_every = config.log_every or max(1, config.steps // 100)
+        tokens_per_step = config.batch_size * self.place.world_size * (config.image_size // network.downsample) ** 2
+        window_steps = math.ceil(USAGE_WINDOW_TOKENS_PER_CODE * network.num_embeddings / tokens_per_step)
+        self.usage_window: deque[torch.Tensor] = deque(maxlen=min(USAGE_WINDOW_MAX_STEPS, window_steps))
         self.history: list[dict[str, Any]] = []
         self.started = time.perf_counter()
 
@@ -455,6 +464,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        self.usage_window.append(output.counts.detach())  # (K,) this step's code counts (global under DDP)
         return {"recon_mse": recon_mse, "output": output}
 
     def run(self) -> dict[str, Any]:
@@ -540,6 +550,9 @@ class Trainer:
             "vq_loss": output.vq_loss.item(),
             "perplexity": float(output.perplexity),
             "codes_used": int(output.codes_used),
+            # distinct codes over the last steps' tokens (up to 5 x K of them): the codebook in use
+            "codes_used_window": int((torch.stack(list(self.usage_window)).sum(dim=0) > 0).sum()),
+            "window_tokens": int(sum(float(counts.sum()) for counts in self.usage_window)),
             "restarts": self.model.quantizer.restarts_total,
             "lr": self.scheduler.get_last_lr()[0],
             "images_per_s": images_per_s,

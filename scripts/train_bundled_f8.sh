@@ -13,7 +13,7 @@ COMMON=(--data "$DATA" --downsample 8 --num-embeddings 8192 --steps 2000 --batch
 case "${1:-vqgan}" in
   vqgan) OUT=runs/vqgan-f8; ARGS=(--arch vqgan --num-hiddens 32 --channel-multipliers 1 2 2 4 --num-res-blocks 2
                                  --mid-attention --norm-groups 8 --z-channels 64 --embedding-dim 8 --l2-normalize
-                                 --kmeans-init --name vqtok-vqgan-f8) ;;
+                                 --kmeans-init --dead-code-window 20 --name vqtok-vqgan-f8) ;;
   seed)  OUT=runs/seed-f8; ARGS=(--name vqtok-seed-f8-k8192) ;;
   *) echo "usage: $0 vqgan|seed" >&2; exit 2 ;;
 esac
