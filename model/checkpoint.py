@@ -42,6 +42,7 @@ from vqtok.model.record import (
     RecordError,
 )
 from vqtok.model.vqvae import VQVAE
+from vqtok.model.weights import resolve_checkpoint
 
 __all__ = [
     "CONFIG_FILE", "DEFAULT_CHECKPOINT", "FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "Checkpoint", "CheckpointError",
@@ -192,8 +193,9 @@ def read_checkpoint_record(directory: str | os.PathLike[str]) -> CheckpointRecor
 
     Reading checks the format and version, the configs (strict types, bounds and the parameter limit:
     nothing is allocated), the ``weights_file`` name and the metadata's types; not the weights.
+    ``directory`` may be the name of a bundled checkpoint (``default``, ``vqgan-f8``: ``model.weights``).
     """
-    path = Path(directory)
+    path = resolve_checkpoint(directory)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     config_path = path / CONFIG_FILE
@@ -221,7 +223,7 @@ class _Verified:
 
 def _verify_files(directory: str | os.PathLike[str]) -> _Verified:
     """The record (configs checked, nothing allocated), the weights file and its sha256."""
-    path = Path(directory)
+    path = resolve_checkpoint(directory)
     record = read_checkpoint_record(path)
     config_path = path / CONFIG_FILE
     weights_path = path / record.weights_file

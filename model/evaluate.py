@@ -5,7 +5,8 @@ Metrics, all in [0, 1] pixel space after the model's de-normalisation (what a us
   nmse       mse / variance of the evaluated pixels (the seed's normalised reconstruction error)
   psnr       10 log10(1 / mse), in dB
   perplexity exp(entropy) of the code distribution over every token of the data
-  codes_used distinct codes chosen at least once
+  codes_used distinct codes chosen at least once (out of ``tokens`` tokens: at least 5 x K are needed to
+             see whether K codes are used)
   ssim       structural similarity (scikit-image, Gaussian 11x11 window as Wang et al. 2004), mean over images
   grid, grid_original
              the grid-artifact measure of the reconstructions and of the originals: the mean gradient
@@ -162,6 +163,7 @@ class MetricAccumulator:
             "psnr": 10.0 * math.log10(1.0 / mse) if mse > 0 else float("inf"),  # peak value 1.0
             "perplexity": float(perplexity_of(self.counts)),
             "codes_used": int((self.counts > 0).sum()),
+            "tokens": int(self.counts.sum()),
             "num_embeddings": self.num_embeddings,
             "images": self.images,
             "data_variance": variance,

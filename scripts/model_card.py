@@ -1,66 +1,100 @@
-"""Print the model-card table: held-out quality of one or more checkpoints, side by side.
+"""Print the model-card table: held-out quality of checkpoints side by side, and draw a zoomed crop.
 
-    python scripts/model_card.py model/weights/default runs/seed-recipe/checkpoint
+    python scripts/model_card.py default vqgan-f8 runs/seed-f8/checkpoint --data data/photos-v1 \\
+        --zoom docs/model-card-zoom.png
 
-For each checkpoint: how it was trained (from its config.json) and, on the held-out photos, MSE,
-PSNR, perplexity and codes used, on the full images (padded to a multiple of the downsample factor)
-and on the fixed set of 512 held-out 64x64 crops.
+For each checkpoint (a directory or a bundled name), on the held-out images of ``--data`` at full size
+(padded to a multiple of the downsampling factor): tokens per 256x256 image, bits per token, PSNR, SSIM,
+the grid-artifact measure (reconstructions, originals), codes used over every held-out token, perplexity,
+parameters, and how it was trained (steps, batch, crop size, wall time and hardware from its record).
+``--zoom`` writes a figure: the same 64x64 region of a held-out photo, 4x enlarged (nearest neighbour),
+as the original and as each checkpoint's reconstruction, where grid texture and banding are visible.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vqtok.model import data as datasets
+from vqtok.model.checkpoint import Checkpoint, load_checkpoint
+from vqtok.model.evaluate import evaluate_spec, reconstruct
+from vqtok.model.weights import resolve_checkpoint
 
-from vqtok.model.checkpoint import load_checkpoint
-from vqtok.model.evaluate import evaluate_spec
 
-
-def describe(path: str) -> dict[str, object]:
-    checkpoint = load_checkpoint(path, "cpu")
-    provenance = checkpoint.record.provenance
-    training = provenance.training or {}
-    network, codebook = checkpoint.network, checkpoint.codebook_training
-    full, _ = evaluate_spec(checkpoint.model, "photos", "heldout")
-    crops, _ = evaluate_spec(checkpoint.model, "photos", "heldout", crop=64)
-    restarts = f"restarts every {codebook.dead_code_window} steps" if codebook.dead_code_window else "no restarts"
+def describe(checkpoint: Checkpoint, data: str) -> dict[str, str]:
+    """One column of the table."""
+    network, provenance = checkpoint.network, checkpoint.record.provenance
+    training = (provenance.training if provenance else None) or {}
+    metrics, _ = evaluate_spec(checkpoint.model, data, "heldout")
+    side = 256 // network.downsample
+    quantizer = network.quantizer + (", l2" if network.l2_normalize else "") + (
+        f", code_dim {network.code_dim}" if network.code_dim else "")
+    hardware = (provenance.hardware or {}).get("device", "?") if provenance else "?"
+    wall = (provenance.wall_time_s or 0.0) / 60 if provenance else 0.0
     return {
-        "checkpoint": path,
-        "recipe": f"{network.quantizer} quantizer, {restarts}" + (", k-means init" if codebook.kmeans_init else ""),
-        "model": f"f={network.downsample}, K={network.num_embeddings}, D={network.embedding_dim}",
-        "training": f"{provenance.steps} steps x batch {training.get('batch_size')} of "
-                    f"{training.get('image_size')}px crops, lr {training.get('lr')} {training.get('lr_schedule')}",
-        "wall time": f"{(provenance.wall_time_s or 0.0) / 60:.1f} min on "
-                     f"{(provenance.hardware or {}).get('device')}",
-        "full MSE": f"{full['mse']:.5f}",
-        "full PSNR (dB)": f"{full['psnr']:.2f}",
-        "full codes used": f"{full['codes_used']} / {full['num_embeddings']}",
-        "full perplexity": f"{full['perplexity']:.1f}",
-        "crops MSE": f"{crops['mse']:.5f}",
-        "crops PSNR (dB)": f"{crops['psnr']:.2f}",
-        "crops codes used": f"{crops['codes_used']} / {crops['num_embeddings']}",
-        "crops perplexity": f"{crops['perplexity']:.1f}",
+        "architecture": f"{network.arch}, f={network.downsample}",
+        "codes (K x D)": f"{network.num_embeddings:,} x {network.embedding_dim} ({quantizer})",
+        "tokens per 256x256 image": f"{side * side:,}",
+        "bits per token": f"{math.log2(network.num_embeddings):.1f}",
+        "PSNR (dB)": f"{metrics['psnr']:.2f}",
+        "SSIM": f"{metrics['ssim']:.3f}" if metrics["ssim"] is not None else "n/a",
+        "grid (originals)": f"{metrics['grid']:.3f} ({metrics['grid_original']:.3f})",
+        "codes used": f"{metrics['codes_used']:,} / {network.num_embeddings:,} "
+                      f"({100 * metrics['codes_used'] / network.num_embeddings:.1f}%)",
+        "held-out tokens": f"{int(metrics['tokens']):,}",
+        "perplexity": f"{metrics['perplexity']:.0f}",
+        "parameters": f"{sum(p.numel() for p in checkpoint.model.parameters()) / 1e6:.2f}M",
+        "training": f"{provenance.steps if provenance else '?'} steps x {training.get('batch_size', '?')} crops of "
+                    f"{training.get('image_size', '?')}px",
+        "training time": f"{wall:.0f} min on {hardware}",
     }
 
 
-def main(paths: list[str]) -> int:
-    if not paths:
-        print(__doc__)
-        return 2
+def zoom_figure(checkpoints: list[tuple[str, Checkpoint]], data: str, out: Path, image_index: int = 0,
+                region: tuple[int, int, int] = (200, 300, 64), scale: int = 4) -> None:
+    """The same square region of held-out image ``image_index``, enlarged, original first."""
+    key, image = list(datasets.iter_full_images(data, "heldout"))[image_index]
+    top, left, size = region
+    panels = [("original", image)]
+    for name, checkpoint in checkpoints:
+        reconstruction, _ = reconstruct(checkpoint.model, image[None])
+        panels.append((name, reconstruction[0]))
+    label, gap = 16, 6
+    width = len(panels) * (size * scale + gap)
+    canvas = Image.new("RGB", (width, size * scale + label), "white")
+    for i, (name, pixels) in enumerate(panels):
+        crop = pixels[:, top : top + size, left : left + size].permute(1, 2, 0).numpy()
+        tile = Image.fromarray((crop * 255 + 0.5).clip(0, 255).astype(np.uint8))
+        tile = tile.resize((size * scale, size * scale), Image.Resampling.NEAREST)
+        canvas.paste(tile, (i * (size * scale + gap), label))
+        ImageDraw.Draw(canvas).text((i * (size * scale + gap) + 2, 2), name, fill="black")
+    canvas.save(out)
+    print(f"wrote {out} ({key}, {size}x{size} at ({top}, {left}), x{scale})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint directories or bundled names")
+    parser.add_argument("--data", default="data/photos-v1", help="data spec whose held-out images are measured")
+    parser.add_argument("--zoom", type=Path, help="write the zoomed-crop figure here")
+    args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    columns = [describe(path) for path in paths]
-    print("| | " + " | ".join(str(c["checkpoint"]) for c in columns) + " |")
+    loaded = [(spec, load_checkpoint(resolve_checkpoint(spec), "cpu")) for spec in args.checkpoints]
+    columns = [describe(checkpoint, args.data) for _, checkpoint in loaded]
+    print("| | " + " | ".join(f"`{spec}`" for spec, _ in loaded) + " |")
     print("| --- |" + " --- |" * len(columns))
     for key in columns[0]:
-        if key == "checkpoint":
-            continue
-        print(f"| {key} | " + " | ".join(str(c[key]) for c in columns) + " |")
+        print(f"| {key} | " + " | ".join(column[key] for column in columns) + " |")
+    if args.zoom:
+        zoom_figure(loaded, args.data, args.zoom)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

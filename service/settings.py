@@ -43,7 +43,11 @@ class Settings(BaseSettings):
         default_factory=_port_from_environment, ge=0, le=65535,
         description="TCP port (falls back to $PORT when VQTOK_PORT is unset, else 8000)",
     )
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint directory (model.safetensors + config.json)")
+    checkpoint: Path = Field(
+        DEFAULT_CHECKPOINT,
+        description="checkpoint directory (model.safetensors + config.json), or a bundled model's name: default "
+                    "(f=4, 512 codes) or vqgan-f8 (f=8, 8,192 codes)",
+    )
     device: DeviceChoice = Field("auto", description="auto picks cuda when available, else cpu")
     api_key: SecretStr | None = Field(
         None, description="when set, every endpoint but /health, /ready and /metrics needs 'Authorization: Bearer KEY'"

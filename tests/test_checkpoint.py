@@ -522,3 +522,19 @@ def test_truncated_weights_are_unreadable_for_verify_too(trained: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:-100])
     _edit_config(trained, lambda r: r.update(weights_sha256=sha256_file(weights)))
     _refused(trained, r"model\.safetensors: unreadable safetensors file")
+
+
+def test_bundled_checkpoints_load_by_name_and_an_existing_directory_wins(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vqtok.model.weights import bundled_checkpoints, resolve_checkpoint
+
+    assert bundled_checkpoints()["default"] == DEFAULT_CHECKPOINT
+    assert resolve_checkpoint("default") == DEFAULT_CHECKPOINT
+    assert load_checkpoint("default").model_id == BUNDLED_MODEL_ID
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()
+    assert resolve_checkpoint("default") == Path("default")  # a folder of that name in the way is used as given
+    with pytest.raises(CheckpointError, match="default/config.json: missing"):
+        load_checkpoint("default")
+    with pytest.raises(CheckpointError, match="checkpoint directory not found: no-such-model"):
+        load_checkpoint("no-such-model")

@@ -1,0 +1,32 @@
+"""The bundled checkpoints, by name: each folder here holding a ``config.json`` is one.
+
+- ``default``: the seed's architecture, f=4, 512 codes (a 256x256 image is 4,096 tokens of 9 bits).
+- ``vqgan-f8``: the VQGAN family, f=8, 8,192 l2-normalised 8-dimensional codes (1,024 tokens of 13 bits).
+
+Every command that takes a checkpoint (``vqtok serve --checkpoint``, ``evaluate``, ``tokenize``,
+``Tokenizer.from_checkpoint``) takes one of these names too; an existing directory of the same name wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent
+
+
+def bundled_checkpoints() -> dict[str, Path]:
+    """Name -> folder of every bundled checkpoint, sorted by name."""
+    return {path.name: path for path in sorted(WEIGHTS_DIR.iterdir()) if (path / "config.json").is_file()}
+
+
+def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory, or the name of a bundled checkpoint -> its directory.
+
+    A path that exists is used as it is; otherwise a bundled name (``default``, ``vqgan-f8``) gives the
+    bundled folder; anything else is returned unchanged, for the loader to report as missing.
+    """
+    path = Path(spec)
+    if path.exists():
+        return path
+    return bundled_checkpoints().get(str(spec), path)

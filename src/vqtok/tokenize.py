@@ -51,6 +51,7 @@ import numpy as np
 
 from vqtok.model.data.source import BaseSource, SourceItem, UnreadableImage, open_source
 from vqtok.model.options import add_config_arguments, config_from_args
+from vqtok.model.weights import bundled_checkpoints, resolve_checkpoint
 
 ENV_PREFIX = "VQTOK_TOKENIZE_"
 MANIFEST = "manifest.jsonl"  # one JSON line per finished shard
@@ -86,7 +87,7 @@ class TokenizeConfig:
     """Options of ``vqtok tokenize``.
 
     Attributes:
-        checkpoint: checkpoint directory, or "default" for the bundled model.
+        checkpoint: checkpoint directory, or a bundled model's name ("default", "vqgan-f8").
         input: data spec (image folder, folder:DIR, photos, cifar10:DIR), a *.txt / *.jsonl file list
             (list:FILE), tar shards (x.tar or tar:DIR) or Parquet files (x.parquet or parquet:PATH[#COLUMN]).
         out: output directory (shards, manifest.jsonl and summary.json).
@@ -321,8 +322,9 @@ def _check_config(config: TokenizeConfig) -> None:
             import_pyarrow()
         except ImportError as exc:
             raise TokenizeError(str(exc)) from None
-    if config.checkpoint != "default" and not Path(config.checkpoint).is_dir():
-        raise TokenizeError(f"checkpoint {config.checkpoint!r} does not exist (or is not a directory)")
+    if not resolve_checkpoint(config.checkpoint).is_dir():
+        raise TokenizeError(f"checkpoint {config.checkpoint!r} does not exist (or is not a directory); bundled "
+                            f"ones: {', '.join(bundled_checkpoints())}")
     if config.size is not None:
         from vqtok.service.imaging import parse_size
 

@@ -23,9 +23,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from vqtok.model.checkpoint import DEFAULT_CHECKPOINT
 from vqtok.model.data import to_rgb_array
 from vqtok.model.layouts import PRESETS, Layout, LayoutError, get_layout
+from vqtok.model.weights import resolve_checkpoint
 from vqtok.service.engine import Engine
 from vqtok.service.imaging import (
     DecodeBudget,
@@ -55,9 +55,9 @@ class Tokenizer:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str] = "default", device: str = "auto",
                         batch_size: int = 16) -> Tokenizer:
-        """Load a checkpoint directory (``"default"``: the bundled model) on ``device`` (auto, cpu, cuda)."""
-        directory = DEFAULT_CHECKPOINT if str(path) == "default" else Path(path)
-        return cls(Engine.load(directory, device), batch_size=batch_size)
+        """Load a checkpoint directory or a bundled model by name (``"default"``, ``"vqgan-f8"``) on ``device``
+        (auto, cpu, cuda)."""
+        return cls(Engine.load(resolve_checkpoint(path), device), batch_size=batch_size)
 
     # --- what the model is -------------------------------------------------------------------------
     @property
