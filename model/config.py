@@ -295,6 +295,14 @@ class NetworkConfig(_StrictFields):
         return sum(tensor.numel() for tensor in model.state_dict().values())
 
     @property
+    def code_vector_dim(self) -> int:
+        """Width of the vectors ``codebook`` holds (what the search compares): ``len(fsq_levels)`` for FSQ,
+        ``code_dim`` for factorised codes, else D."""
+        if self.quantizer == "fsq":
+            return len(self.fsq_levels)
+        return self.code_dim or self.embedding_dim
+
+    @property
     def num_downsamples(self) -> int:
         """Stride-2 stages in the encoder (and transposed ones in the decoder): log2(downsample)."""
         return int(math.log2(self.downsample))

@@ -395,14 +395,18 @@ class CodebookResponse(BaseModel):
 
     model: ModelIdentity = Field(description="the tokenizer whose codebook this is")
     num_embeddings: int = Field(description="K: the number of codes")
-    embedding_dim: int = Field(description="D: size of one code vector")
+    embedding_dim: int = Field(description="D: channels the quantizer hands the decoder")
+    code_dim: int = Field(description="width of the vectors below: D, or the low-dimensional search space of "
+                                      "factorised codes (code_dim), or the number of FSQ channels")
+    quantizer: str = Field(description="ema, plain (learned codebooks) or fsq (fixed grid of levels)")
+    l2_normalized: bool = Field(description="codes are unit vectors and the search is by cosine similarity")
     downsample: int = Field(description="f: image side / grid side")
     usage: list[int] | None = Field(description="per-code counts recorded at training time (the final held-out "
                                           "evaluation), if the checkpoint has them")
     perplexity: float | None = Field(description="exp(entropy) of the usage distribution (K = perfectly even); "
                                                   "without counts, the recorded held-out perplexity")
     codes_used: int | None = Field(description="codes with a non-zero usage count")
-    vectors: list[list[float]] | None = Field(None, description="(K, D) codebook, with ?include=vectors")
+    vectors: list[list[float]] | None = Field(None, description="(K, code_dim) codebook, with ?include=vectors")
 
 
 class InfoResponse(BaseModel):

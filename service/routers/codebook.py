@@ -16,7 +16,7 @@ router = APIRouter(tags=["codebook"])
 
 
 async def _vectors(ready: Ready) -> torch.Tensor:
-    """The (K, D) codebook, read on the inference thread (never racing a batch)."""
+    """The (K, code_dim) codebook, read on the inference thread (never racing a batch)."""
     vectors = await ready.batcher.run_in_inference_thread(ready.engine.codebook_vectors)
     assert isinstance(vectors, torch.Tensor)
     return vectors
@@ -25,13 +25,13 @@ async def _vectors(ready: Ready) -> torch.Tensor:
 @router.get(
     "/codebook",
     response_model=CodebookResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {NPY: {"description": "(K, D) float32 vectors"}}}},
+    responses={**ERROR_RESPONSES, 200: {"content": {NPY: {"description": "(K, code_dim) float32 vectors"}}}},
     summary="Codebook size, usage and vectors",
 )
 async def codebook(
     ready: ReadyModel,
     want_npy: AcceptsNpy,
-    include: Annotated[Literal["vectors"] | None, Query(description="'vectors' adds the (K, D) vectors")] = None,
+    include: Annotated[Literal["vectors"] | None, Query(description="'vectors' adds the (K, code_dim) vectors")] = None,
 ) -> Any:
     engine = ready.engine
     if want_npy:
@@ -41,6 +41,7 @@ async def codebook(
     config = engine.config
     return CodebookResponse(
         model=engine.identity(), num_embeddings=config.num_embeddings, embedding_dim=config.embedding_dim,
+        code_dim=config.code_vector_dim, quantizer=config.quantizer, l2_normalized=config.l2_normalize,
         downsample=config.downsample, usage=usage, perplexity=perplexity, codes_used=codes_used,
         vectors=(await _vectors(ready)).tolist() if include == "vectors" else None,
     )
