@@ -37,17 +37,20 @@ from vqtok.model.record import (
     WEIGHTS_FILE,
     CheckpointRecord,
     CodebookUsage,
+    ImportedFrom,
     Metrics,
     Provenance,
     RecordError,
+    ServingDefaults,
 )
 from vqtok.model.vqvae import VQVAE
 from vqtok.model.weights import resolve_checkpoint
 
 __all__ = [
     "CONFIG_FILE", "DEFAULT_CHECKPOINT", "FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "Checkpoint", "CheckpointError",
-    "CheckpointRecord", "CodebookUsage", "Metrics", "Provenance", "compute_model_id", "load_checkpoint",
-    "pick_device", "read_checkpoint_record", "save_checkpoint", "sha256_file", "verify_checkpoint",
+    "CheckpointRecord", "CodebookUsage", "ImportedFrom", "Metrics", "Provenance", "ServingDefaults",
+    "compute_model_id", "load_checkpoint", "pick_device", "read_checkpoint_record", "save_checkpoint", "sha256_file",
+    "verify_checkpoint",
 ]
 
 CONFIG_FILE = "config.json"
@@ -143,12 +146,14 @@ def save_checkpoint(
     provenance: Provenance | None = None,
     metrics: Metrics | None = None,
     codebook_usage: CodebookUsage | None = None,
+    imported_from: ImportedFrom | None = None,
+    serving: ServingDefaults | None = None,
 ) -> Path:
     """Write ``model`` and its record as a checkpoint directory, atomically. Returns the path.
 
     The record's configs come from the model, its ``weights_sha256`` and ``model_id`` are computed
     here (no caller can set them); ``provenance``, ``metrics`` and ``codebook_usage`` say how the model
-    was made.
+    was made, ``imported_from`` where an imported one came from, ``serving`` its native size, fit and layout.
     """
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +172,8 @@ def save_checkpoint(
             provenance=provenance or Provenance(),
             metrics=metrics or Metrics(),
             codebook_usage=codebook_usage,
+            imported_from=imported_from,
+            serving=serving,
         )
         _write_json(staging / CONFIG_FILE, record.to_json())
         umask = _current_umask()

@@ -14,6 +14,9 @@
                      training (the ``TrainConfig``), data (description of the training data), hardware
   metrics            ``Metrics``: {"heldout_crops": the trainer's final held-out evaluation}
   codebook_usage     ``CodebookUsage`` or null: {"counts": K per-code counts, "perplexity", "codes_used"}
+  imported_from      ``ImportedFrom`` or null (absent in older records): the source format, file and sha256 and
+                     the conversion version of a checkpoint made by ``vqtok import``
+  serving            ``ServingDefaults`` or null (absent in older records): native size, fit, default layout
 
 Version 1 (every checkpoint written before version 2, the bundled one included until it was rewritten)
 is flat: one ``config`` object holding both configs, and whatever the trainer recorded merged into the
@@ -219,6 +222,100 @@ class CodebookUsage:
         return cls.from_counts(counts)
 
 
+#: How /encode fits an image to a size (``service.imaging.FitMode``; the record names one without importing it).
+FIT_MODES: tuple[str, ...] = ("pad", "crop", "resize", "none")
+
+
+@dataclass(frozen=True)
+class ImportedFrom:
+    """Where an imported checkpoint (``vqtok import``) came from; the record's ``imported_from`` section.
+
+    Attributes:
+      source_format: the published format read: "llamagen", "taming" or "chameleon".
+      weights_file: the source weights file's name (no directories).
+      weights_sha256: sha256 (hex) of that file.
+      config_file: the source config file's name, if one was given.
+      config_sha256: sha256 (hex) of that config file, if one was given.
+      conversion_version: the version of the conversion (``model.importers.CONVERSION_VERSION``).
+      state_dict_key: where the state dict sat in the file ("state_dict", "model", a key prefix, or None for
+        a file that is the state dict itself).
+    """
+
+    source_format: str
+    weights_file: str
+    weights_sha256: str
+    conversion_version: int
+    config_file: str | None = None
+    config_sha256: str | None = None
+    state_dict_key: str | None = None
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "source_format", "weights_file", "weights_sha256", "conversion_version", "config_file", "config_sha256",
+        "state_dict_key",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.KEYS}
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "imported_from") -> ImportedFrom | None:
+        if data is None:
+            return None
+        data = _object(data, where)
+        _no_unknown_keys(data, cls.KEYS, f"'{where}'")
+        for key in ("source_format", "weights_file", "weights_sha256"):
+            if not isinstance(data.get(key), str):
+                raise RecordError(f"'{where}.{key}' must be a string, got {data.get(key)!r}")
+        for key in ("config_file", "config_sha256", "state_dict_key"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise RecordError(f"'{where}.{key}' must be a string or null, got {data[key]!r}")
+        if not (_is_int(data.get("conversion_version")) and data["conversion_version"] >= 1):
+            raise RecordError(f"'{where}.conversion_version' must be an integer >= 1, got "
+                              f"{data.get('conversion_version')!r}")
+        return cls(**{key: data.get(key) for key in cls.KEYS})
+
+
+@dataclass(frozen=True)
+class ServingDefaults:
+    """How the model expects to be served; the record's ``serving`` section (each field None when unset).
+
+    The service reads it last: a request's ``size`` / ``fit`` / ``layout`` beats the service settings
+    (``default_size``, ``layout``), which beat these.
+
+    Attributes:
+      size: the native side in pixels (the model was trained on ``size`` x ``size`` images; LlamaGen 256,
+        Chameleon 512); ``/encode`` without a size (and no ``default_size``) fits images to it.
+      fit: how ``/encode`` fits an image to ``size`` when the request names no fit: one of ``FIT_MODES``
+        (LlamaGen and Chameleon resize the short side and centre-crop: "crop").
+      layout: the default token layout (a preset name of ``model.layouts``, e.g. "chameleon-like").
+    """
+
+    size: int | None = None
+    fit: str | None = None
+    layout: str | None = None
+
+    KEYS: ClassVar[tuple[str, ...]] = ("size", "fit", "layout")
+
+    def __post_init__(self) -> None:
+        if self.size is not None and not (_is_int(self.size) and 1 <= self.size <= 65536):
+            raise RecordError(f"'serving.size' must be an integer in [1, 65536] or null, got {self.size!r}")
+        if self.fit is not None and self.fit not in FIT_MODES:
+            raise RecordError(f"'serving.fit' must be one of {', '.join(FIT_MODES)} or null, got {self.fit!r}")
+        if self.layout is not None and not (isinstance(self.layout, str) and self.layout):
+            raise RecordError(f"'serving.layout' must be a non-empty string or null, got {self.layout!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.KEYS}
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "serving") -> ServingDefaults | None:
+        if data is None:
+            return None
+        data = _object(data, where)
+        _no_unknown_keys(data, cls.KEYS, f"'{where}'")
+        return cls(**{key: data.get(key) for key in cls.KEYS})
+
+
 def _check_weights_file(name: object) -> str:
     """``name`` if it is a plain file name (no directories, ``..``, absolute path or NUL), else ``RecordError``."""
     plain = (
@@ -271,6 +368,8 @@ class CheckpointRecord:
       provenance: how the model was made.
       metrics: held-out metrics.
       codebook_usage: per-code usage counts and their perplexity and codes used; None if not recorded.
+      imported_from: where an imported checkpoint came from (``vqtok import``); None for vqtok's own.
+      serving: the native size, fit and default layout the service falls back to; None when not recorded.
       format_version: the layout the record was read from (``FORMAT_VERSION`` for a new one);
         ``to_json`` always writes ``FORMAT_VERSION``.
     """
@@ -283,12 +382,14 @@ class CheckpointRecord:
     provenance: Provenance = field(default_factory=Provenance)
     metrics: Metrics = field(default_factory=Metrics)
     codebook_usage: CodebookUsage | None = None
+    imported_from: ImportedFrom | None = None
+    serving: ServingDefaults | None = None
     format_version: int = FORMAT_VERSION
 
     format: ClassVar[str] = FORMAT
     KEYS: ClassVar[tuple[str, ...]] = (
         "format", "format_version", "model_id", "weights_file", "weights_sha256", "network", "codebook_training",
-        "provenance", "metrics", "codebook_usage",
+        "provenance", "metrics", "codebook_usage", "imported_from", "serving",
     )
 
     def to_json(self) -> dict[str, Any]:
@@ -304,6 +405,8 @@ class CheckpointRecord:
             "provenance": self.provenance.to_json(),
             "metrics": self.metrics.to_json(),
             "codebook_usage": self.codebook_usage.to_json() if self.codebook_usage is not None else None,
+            "imported_from": self.imported_from.to_json() if self.imported_from is not None else None,
+            "serving": self.serving.to_json() if self.serving is not None else None,
         }
 
     @classmethod
@@ -344,5 +447,8 @@ class CheckpointRecord:
         return cls(
             network=network, codebook_training=codebook_training, weights_sha256=weights_sha256,
             weights_file=weights_file, model_id=model_id, provenance=provenance, metrics=metrics,
-            codebook_usage=CodebookUsage.from_json(usage, network.num_embeddings), format_version=version,
+            codebook_usage=CodebookUsage.from_json(usage, network.num_embeddings),
+            imported_from=ImportedFrom.from_json(data.get("imported_from") if version != 1 else None),
+            serving=ServingDefaults.from_json(data.get("serving") if version != 1 else None),
+            format_version=version,
         )

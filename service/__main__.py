@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         pick_device(settings.device)
         verify_checkpoint(settings.checkpoint)  # every check that needs no model: record, config, hash, tensors
         # The token layouts: presets for the checkpoint's K plus layout_files (LayoutError is a ValueError).
-        build_registry(settings, read_checkpoint_record(settings.checkpoint).network.num_embeddings)
+        record = read_checkpoint_record(settings.checkpoint)
+        build_registry(settings, record.network.num_embeddings,
+                       record.serving.layout if record.serving is not None else None)
     except ValueError as exc:  # CheckpointError is a ValueError
         print(f"vqtok serve: {one_line(str(exc))}", file=sys.stderr)
         return 2

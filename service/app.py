@@ -79,7 +79,9 @@ def create_app(
         try:
             engine = await asyncio.to_thread(loader, settings)
             try:
-                state.layouts = build_registry(settings, engine.config.num_embeddings)
+                serving = engine.checkpoint.record.serving
+                state.layouts = build_registry(settings, engine.config.num_embeddings,
+                                               serving.layout if serving is not None else None)
             except LayoutError as exc:
                 raise RuntimeError(one_line(str(exc))) from None
             batcher = MicroBatcher(

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenize": ("vqtok.tokenize", "main", "tokenize a dataset into shards (resumable)"),
     "encode": ("vqtok.service.client", "encode_main", "POST images to a running service, print token grids"),
     "decode": ("vqtok.service.client", "decode_main", "POST token grids to a running service, write images"),
+    "import": ("vqtok.model.importers.command", "main", "convert a LlamaGen, taming or Chameleon checkpoint"),
 }
 
 

@@ -44,10 +44,14 @@ class LayoutRegistry:
             raise LayoutError(f"layout {name!r} is not loaded; loaded: {', '.join(sorted(self.layouts))}") from None
 
 
-def build_registry(settings: Settings, num_embeddings: int) -> LayoutRegistry:
+def build_registry(settings: Settings, num_embeddings: int, checkpoint_layout: str | None = None) -> LayoutRegistry:
     """Presets instantiated for K = ``num_embeddings`` (a preset whose placeholder ids cannot fit K is left out,
     with a warning, unless it is the default), then every ``layout_files`` entry (a file's layout replaces a
-    preset of the same name). ``LayoutError`` (one line) for anything that cannot serve."""
+    preset of the same name). ``LayoutError`` (one line) for anything that cannot serve.
+
+    The default layout: the ``layout`` setting when it was given (flag or environment), else the checkpoint's
+    (``checkpoint_layout``, the record's ``serving.layout``: an imported model names its LLM family's), else
+    the setting's default, ``flat``."""
     layouts: dict[str, Layout] = {}
     skipped: dict[str, str] = {}
     for name in PRESETS:
@@ -70,6 +74,8 @@ def build_registry(settings: Settings, num_embeddings: int) -> LayoutRegistry:
         layouts[layout.name] = layout
         skipped.pop(layout.name, None)
     default = settings.layout
+    if checkpoint_layout is not None and "layout" not in settings.model_fields_set:
+        default = checkpoint_layout
     if default not in layouts:
         why = f" (the preset does not fit K = {num_embeddings}: {skipped[default]})" if default in skipped else ""
         raise LayoutError(f"layout: the default layout {default!r} is not loaded{why}; "

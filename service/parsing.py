@@ -20,11 +20,12 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from vqtok.model.record import ServingDefaults
 from vqtok.service.dependencies import content_type
 from vqtok.service.errors import BadRequest, InvalidRequest, UnsupportedMediaType
 from vqtok.service.imaging import IMAGE_CONTENT_TYPES, Size, parse_size
 from vqtok.service.limits import check_count
-from vqtok.service.schemas import DecodeRequest, EncodeJSONRequest, EncodeOptions, ImageSize
+from vqtok.service.schemas import DecodeRequest, EncodeJSONRequest, EncodeOptions, ImageSize, SizeSource
 from vqtok.service.settings import Settings
 from vqtok.service.tokens import grid_from_rows, grid_from_tokens
 
@@ -37,8 +38,9 @@ class EncodeInput:
 
     images: list[tuple[str, bytes]]  # (name for messages: "body", "images[0]", ..., file bytes)
     options: EncodeOptions
-    size: Size | None  # the target size: the request's, else the server's default_size, else None
-    size_name: str  # where the size came from, for messages: "size" or "default_size"
+    size: Size | None  # the target size: the request's, else the server's default_size, else the checkpoint's
+    size_name: str  # where the size came from, for messages: "size", "default_size" or "the checkpoint's native size"
+    size_from: SizeSource | None = None  # where the size came from, for the response; None: each image's own size
 
 
 def _decode_base64(text: str, where: str) -> bytes:
@@ -109,9 +111,13 @@ async def _read_json(request: Request, query: EncodeOptions) -> tuple[list[tuple
     return images, _merge_options(query, fields, "body")
 
 
-async def read_encode_body(request: Request, query: EncodeOptions, settings: Settings) -> EncodeInput:
+async def read_encode_body(request: Request, query: EncodeOptions, settings: Settings,
+                           native: ServingDefaults | None = None) -> EncodeInput:
     """The request's images as (name for messages, file bytes), its options (body over query) and its
-    target size; at least one and at most ``max_images_per_request`` images."""
+    target size; at least one and at most ``max_images_per_request`` images.
+
+    The size: the request's ``size``, else the ``default_size`` setting, else the checkpoint's native size
+    (``native``, the record's ``serving`` section), with the checkpoint's fit unless the request names a fit."""
     media = content_type(request)
     if media == "multipart/form-data":
         images, options = await _read_multipart(request, query, settings)
@@ -125,10 +131,16 @@ async def read_encode_body(request: Request, query: EncodeOptions, settings: Set
             f"parts, application/json with base64 'images', or one image as image/png, image/jpeg, image/webp, ..."
         )
     check_count(len(images), settings.max_images_per_request, "images")
-    size_name = "size" if options.size is not None else "default_size"
-    size_text = options.size if options.size is not None else settings.default_size
-    size = parse_size(size_text) if size_text is not None else None
-    return EncodeInput(images, options, size, size_name)
+    if options.size is not None:
+        return EncodeInput(images, options, parse_size(options.size), "size", "request")
+    if settings.default_size is not None:
+        return EncodeInput(images, options, parse_size(settings.default_size), "default_size", "default_size")
+    if native is not None and native.size is not None:
+        if native.fit is not None and "fit" not in options.model_fields_set:
+            options = options.model_copy(update={"fit": native.fit})
+        return EncodeInput(images, options, Size(native.size, native.size), "the checkpoint's native size",
+                           "checkpoint")
+    return EncodeInput(images, options, None, "default_size")
 
 
 # ---------------------------------------------------------------------------------------------- /decode

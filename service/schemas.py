@@ -151,6 +151,11 @@ RepairPolicy = Literal["strict", "lenient"]
 GridSide = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
 
 
+#: Where an /encode target size came from: the request's ``size``, the server's ``default_size`` setting, or the
+#: checkpoint's native size (its record's ``serving.size``, e.g. 256 for LlamaGen, 512 for Chameleon).
+SizeSource = Literal["request", "default_size", "checkpoint"]
+
+
 class EncodeOptions(BaseModel):
     """Options of ``POST /encode``, as query parameters, multipart form fields or JSON body fields."""
 
@@ -158,7 +163,9 @@ class EncodeOptions(BaseModel):
 
     size: str | None = Field(
         None, description="target size 'N' (square) or 'WxH', multiples of the downsample factor; "
-        "default: the server's default_size, else each image's own size", examples=["256", "320x240"],
+        "default: the server's default_size, else the checkpoint's native size (imported models: LlamaGen 256, "
+        "Chameleon 512, with their fit, crop, unless `fit` is given), else each image's own size",
+        examples=["256", "320x240"],
         # published for clients (parse_size enforces it with its own message, naming the value)
         json_schema_extra={"pattern": SIZE_PATTERN},
     )
@@ -223,7 +230,12 @@ class EncodeResponse(BaseModel):
     """``POST /encode`` as JSON: the model that made the tokens, the options as applied, one entry per image."""
 
     model: ModelIdentity = Field(description="the tokenizer that produced these indices (compare `model_id`)")
-    fit: FitMode = Field(description="how each image was fitted to its encoded size (the request's `fit`)")
+    fit: FitMode = Field(description="how each image was fitted to its encoded size (the request's `fit`, or the "
+                                     "checkpoint's when its native size was used and the request named no fit)")
+    size_from: SizeSource | None = Field(
+        None, description="where the target size came from: request (`size`), default_size (the server "
+        "setting) or checkpoint (the model's native size, used when neither is given); null: each image kept "
+        "its own size")
     offset: int = Field(description="the flat layout's offset added to every index in `tokens` (0: none)")
     bos: int | None = Field(description="the flat layout's begin-of-image id put before `tokens` (null: none)")
     eos: int | None = Field(description="the flat layout's end-of-image id put after `tokens` (null: none)")

@@ -534,7 +534,7 @@ def test_bundled_checkpoints_load_by_name_and_an_existing_directory_wins(tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "default").mkdir()
     assert resolve_checkpoint("default") == Path("default")  # a folder of that name in the way is used as given
-    with pytest.raises(CheckpointError, match="default/config.json: missing"):
+    with pytest.raises(CheckpointError, match=r"default/config\.json: missing"):
         load_checkpoint("default")
     with pytest.raises(CheckpointError, match="checkpoint directory not found: no-such-model"):
         load_checkpoint("no-such-model")

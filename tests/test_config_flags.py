@@ -25,6 +25,8 @@ def _commands() -> dict[str, tuple[Callable[[], argparse.ArgumentParser], list[t
     from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
     from vqtok.model.evaluate import EvaluateConfig
     from vqtok.model.evaluate import build_parser as evaluate_parser
+    from vqtok.model.importers.command import ImportConfig
+    from vqtok.model.importers.command import build_parser as import_parser
     from vqtok.model.train import TrainConfig
     from vqtok.model.train import build_parser as train_parser
     from vqtok.service.__main__ import build_parser as serve_parser
@@ -44,6 +46,7 @@ def _commands() -> dict[str, tuple[Callable[[], argparse.ArgumentParser], list[t
         "evaluate": (evaluate_parser, [(EvaluateConfig, "VQTOK_EVALUATE_")], []),
         "encode": (build_encode_parser, [(EncodeOptions, "VQTOK_ENCODE_"), (ClientConfig, "VQTOK_")], ["a.png"]),
         "decode": (build_decode_parser, [(DecodeOptions, "VQTOK_DECODE_"), (ClientConfig, "VQTOK_")], ["t.json"]),
+        "import": (import_parser, [(ImportConfig, "VQTOK_IMPORT_")], []),
     }
 
 
@@ -53,6 +56,8 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("VQTOK_") or name == "PORT":
             monkeypatch.delenv(name)
     monkeypatch.setenv("VQTOK_DECODE_OUTPUT", "base.png")  # decode's one required flag, given by its variable
+    for name, value in (("SOURCE", "chameleon"), ("WEIGHTS", "w.ckpt"), ("OUT", "out")):  # import's required ones
+        monkeypatch.setenv(f"VQTOK_IMPORT_{name}", value)
 
 
 def _two_values(field: ConfigField) -> tuple[str, list[str], Any, Any]:
@@ -107,7 +112,7 @@ def _parsed(command: str, cls: type, argv: list[str]) -> Any:
     return args
 
 
-COMMANDS = ["serve", "train", "evaluate", "encode", "decode"]
+COMMANDS = ["serve", "train", "evaluate", "encode", "decode", "import"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

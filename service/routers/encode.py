@@ -122,7 +122,7 @@ async def encode(
     """
     settings, engine = ready.settings, ready.engine
     downsample = engine.config.downsample
-    body = await read_encode_body(request, query, settings)
+    body = await read_encode_body(request, query, settings, engine.checkpoint.record.serving)
     assert state.layouts is not None  # built with the engine
     options = body.options
     layout_name, layout = encode_layout(options.layout, options.offset, options.bos, options.eos, state.layouts)
@@ -146,6 +146,7 @@ async def encode(
     return EncodeResponse(
         model=engine.identity(),
         fit=options.fit,
+        size_from=body.size_from,
         offset=options.offset,
         bos=options.bos,
         eos=options.eos,
