@@ -102,3 +102,22 @@ def test_tokenize_and_detokenize_in_a_layout(tokenizer: Tokenizer, astronaut: np
         from vqtok.model.layouts import get_layout
 
         tokenizer.layout(get_layout("flat"))
+
+
+def test_a_checkpoints_serving_defaults_are_the_tokenizers_defaults(tiny_checkpoint: Path, tmp_path: Path,
+                                                                     astronaut: np.ndarray) -> None:
+    """An imported model's native size, fit and layout (its record's ``serving``) apply when a call names none,
+    as they do on /encode; anything given wins."""
+    from vqtok.model.checkpoint import ServingDefaults, load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    native = save_checkpoint(tmp_path / "native", loaded.model, loaded.record.provenance,
+                             serving=ServingDefaults(size=64, fit="crop", layout="chameleon-like"))
+    tokenizer = Tokenizer.from_checkpoint(native)
+    image = astronaut[:, :300]  # 512 x 300: crop to a square, then 64 x 64
+    assert tokenizer.defaults() == ("64", "crop", "chameleon-like")
+    assert tokenizer.encode(image).shape == (16, 16)
+    assert np.array_equal(tokenizer.encode(image), tokenizer.encode(image, size="64", fit="crop"))
+    assert tokenizer.encode(image, size="32").shape == (8, 8)  # a size given: the default fit, pad
+    assert tokenizer.layout().name == "chameleon-like"
+    assert Tokenizer.from_checkpoint(tiny_checkpoint).defaults() == (None, "pad", "flat")

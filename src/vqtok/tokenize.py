@@ -35,6 +35,7 @@ through :class:`vqtok.tokenizer.Tokenizer`, and ``model/`` must not import ``ser
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -91,8 +92,10 @@ class TokenizeConfig:
         input: data spec (image folder, folder:DIR, photos, cifar10:DIR), a *.txt / *.jsonl file list
             (list:FILE), tar shards (x.tar or tar:DIR) or Parquet files (x.parquet or parquet:PATH[#COLUMN]).
         out: output directory (shards, manifest.jsonl and summary.json).
-        size: target size as /encode takes it (e.g. "256" or "256x192"); none keeps each image's size.
-        fit: how an image is brought to size (as /encode: pad, crop, resize, none).
+        size: target size as /encode takes it (e.g. "256" or "256x192"); none: the checkpoint's native size
+          (imported models record one), else each image's own size.
+        fit: how an image is brought to size (as /encode: pad, crop, resize, none); none given: the checkpoint's
+          own fit with its native size (imported models), else pad.
         layout: write the tokens in this layout preset (e.g. "emu3-like") instead of raw code indices.
         format: wds (WebDataset-style tar shards: <key>.npy + <key>.json per sample), npy (per shard:
             tokens, offsets, keys) or parquet (a shard-NNNNN.parquet per shard; needs pyarrow).
@@ -111,7 +114,7 @@ class TokenizeConfig:
     input: str
     out: Path
     size: str | None = None
-    fit: Literal["pad", "crop", "resize", "none"] = "pad"
+    fit: Literal["pad", "crop", "resize", "none"] | None = None
     layout: str | None = None
     format: Literal["wds", "npy", "parquet"] = "wds"
     batch_size: int = 16
@@ -472,6 +475,10 @@ def run(config: TokenizeConfig, *, stop_after_shards: int | None = None, progres
         tokenizer = Tokenizer.from_checkpoint(config.checkpoint, device=device, batch_size=config.batch_size)
     except Exception as exc:  # CheckpointError, a bad device, ...: one line
         raise TokenizeError(f"cannot load checkpoint {config.checkpoint!r}: {exc}") from None
+    if config.size is None or config.fit is None:  # the record's native size and fit, as /encode uses them
+        default_size, default_fit, _ = tokenizer.defaults()
+        config = dataclasses.replace(config, size=config.size if config.size is not None else default_size,
+                                     fit=config.fit or (default_fit if config.size is None else "pad"))
     layout = None
     if config.layout:
         try:

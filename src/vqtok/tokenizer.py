@@ -81,14 +81,28 @@ class Tokenizer:
         return self.engine.codebook_vectors().numpy()
 
     # --- images -> grids -----------------------------------------------------------------------------
-    def prepare(self, images: Sequence[ImageLike], size: str | None = None, fit: FitMode = "pad"
+    def defaults(self) -> tuple[str | None, FitMode, str]:
+        """(size, fit, layout) used when a call names none: the checkpoint record's serving defaults (an imported
+        model's native size, fit and layout, as ``/encode`` uses them), else each image's own size, "pad", "flat"."""
+        serving = self.engine.checkpoint.record.serving
+        size = str(serving.size) if serving is not None and serving.size else None
+        fit = serving.fit if serving is not None and serving.fit and size is not None else "pad"
+        layout = serving.layout if serving is not None and serving.layout else "flat"
+        return size, fit, layout  # type: ignore[return-value]  # the record's fit is checked against FIT_MODES
+
+    def prepare(self, images: Sequence[ImageLike], size: str | None = None, fit: FitMode | None = None
                 ) -> list[FittedImage]:
-        """Each image as the model takes it: (H, W, 3) uint8 brought to ``size`` by ``fit`` (see /encode)."""
+        """Each image as the model takes it: (H, W, 3) uint8 brought to ``size`` by ``fit`` (see /encode); with no
+        ``size``, the record's native size and fit (``defaults``)."""
+        if size is None:
+            size, default_fit, _ = self.defaults()
+            fit = fit or default_fit
+        fit = fit or "pad"
         target = parse_size(size) if size is not None else None
         return [prepare_image(image, target, fit, self.downsample, self._budget, _NO_LIMIT, f"images[{i}]")
                 for i, image in enumerate(images)]
 
-    def encode(self, images: Sequence[ImageLike] | ImageLike, size: str | None = None, fit: FitMode = "pad"
+    def encode(self, images: Sequence[ImageLike] | ImageLike, size: str | None = None, fit: FitMode | None = None
                ) -> np.ndarray | list[np.ndarray]:
         """Images -> token grids: one (N, h, w) int64 array when all grids have one shape, else a list.
 
@@ -130,22 +144,24 @@ class Tokenizer:
         return images[0] if single else images
 
     # --- grids <-> LLM token sequences ---------------------------------------------------------------
-    def layout(self, layout: str | os.PathLike[str] | Layout = "flat", **overrides: Any) -> Layout:
+    def layout(self, layout: str | os.PathLike[str] | Layout | None = None, **overrides: Any) -> Layout:
         """A layout for this tokenizer's K: a preset name (with ``overrides`` of its placeholder ids), a layout
-        JSON file, or a ``Layout`` (checked against K)."""
+        JSON file, or a ``Layout`` (checked against K); None: the record's default layout, else "flat"."""
+        if layout is None:
+            layout = self.defaults()[2]
         if isinstance(layout, Layout):
             resolved = layout
         elif isinstance(layout, str) and layout in PRESETS:
             resolved = get_layout(layout, **{"codebook_size": self.num_embeddings, **overrides})
         else:
             resolved = Layout.from_file(Path(layout))
-        if resolved.codebook_size != self.num_embeddings:
-            raise LayoutError(f"layout {resolved.name!r} is for {resolved.codebook_size} codes; this tokenizer has "
+        if resolved.num_codes != self.num_embeddings:
+            raise LayoutError(f"layout {resolved.name!r} is for {resolved.num_codes} codes; this tokenizer has "
                               f"{self.num_embeddings}")
         return resolved
 
-    def tokenize(self, images: Sequence[ImageLike] | ImageLike, layout: str | os.PathLike[str] | Layout = "flat",
-                 size: str | None = None, fit: FitMode = "pad") -> list[int] | list[list[int]]:
+    def tokenize(self, images: Sequence[ImageLike] | ImageLike, layout: str | os.PathLike[str] | Layout | None = None,
+                 size: str | None = None, fit: FitMode | None = None) -> list[int] | list[list[int]]:
         """Images -> LLM token ids in ``layout`` (see ``layout``): one list per image (one list for one image)."""
         chosen = self.layout(layout)
         grids = self.encode(images, size=size, fit=fit)
@@ -153,7 +169,7 @@ class Tokenizer:
             return chosen.to_tokens(grids)
         return [chosen.to_tokens(grid) for grid in grids]
 
-    def detokenize(self, tokens: Sequence[int], layout: str | os.PathLike[str] | Layout = "flat",
+    def detokenize(self, tokens: Sequence[int], layout: str | os.PathLike[str] | Layout | None = None,
                    grid: tuple[int, int] | None = None, repair: Literal["strict", "lenient"] = "strict",
                    pad: str | int = "repeat_last_row", output: Literal["numpy", "pil"] = "numpy") -> tuple[Any, list]:
         """An LLM's token ids -> (image, repairs): the grid parsed by ``layout`` (inferred where it carries it;
