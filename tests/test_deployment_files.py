@@ -25,6 +25,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 CONSTRAINTS = ROOT / "deploy" / "constraints.txt"
 SMOKE = ROOT / "scripts" / "docker-smoke.sh"
+SCALE_SMOKE = ROOT / "scripts" / "scale-smoke.sh"
 DOCS = ROOT / "README.md"
 
 
@@ -313,29 +314,91 @@ def test_compose_settings_match_the_service():
             assert type(default)(written) == default, f"VQTOK_{name.upper()}: {written} != {default}"
 
 
+def _scale(doc: dict, profile: str) -> tuple[dict[str, dict], dict]:
+    """The replicas of a scale profile and its load balancer."""
+    services = {name: svc for name, svc in doc["services"].items() if profile in svc.get("profiles", [])}
+    balancers = {name: svc for name, svc in services.items() if name.startswith("lb")}
+    assert len(balancers) == 1, f"profile {profile}: one load balancer, not {sorted(balancers)}"
+    ((_, lb),) = balancers.items()
+    replicas = {name: svc for name, svc in services.items() if name not in balancers}
+    return replicas, lb
+
+
+def _check_replicas_behind_nginx(doc: dict, replicas: dict[str, dict], lb: dict) -> None:
+    assert len(replicas) >= 2
+    subnet = doc["networks"]["replicas"]["ipam"]["config"][0]["subnet"]
+    prefix = re.fullmatch(r"(\$\{VQTOK_REPLICAS_NET:-[0-9.]+\})\.0/24", subnet)
+    assert prefix, subnet
+    addresses = []
+    for name, service in replicas.items():
+        network = service["networks"]["replicas"]
+        assert "vqtok-replica" in network["aliases"], name
+        # A fixed address: nginx 1.22 resolves the alias once, and a restarted replica must be found again.
+        address = network["ipv4_address"]
+        assert address.startswith(prefix.group(1) + "."), f"{name}: {address} is not in {subnet}"
+        addresses.append(address)
+        assert service["restart"] == "unless-stopped", name
+        assert service["healthcheck"], name
+    assert len(addresses) == len(set(addresses)), f"replicas share addresses: {addresses}"
+    assert re.fullmatch(r"\$\{VQTOK_LB_IMAGE:-nginx:[0-9.]+[-a-z]*\}", lb["image"]), lb["image"]
+    assert lb["networks"] == ["replicas"]
+    assert set(lb["depends_on"]) == set(replicas)
+    assert all(dep["condition"] == "service_healthy" for dep in lb["depends_on"].values())
+    assert any(str(v).startswith("./deploy/nginx.conf:") for v in lb["volumes"])
+    assert lb["stop_signal"] == "SIGQUIT", "nginx finishes the answers in progress on SIGQUIT only"
+
+
 def test_scale_profile_pins_one_gpu_per_replica_behind_nginx():
     doc = compose()
-    replicas = {
-        name: svc for name, svc in doc["services"].items() if "scale" in svc.get("profiles", []) and name != "lb"
-    }
-    assert len(replicas) >= 2
+    replicas, lb = _scale(doc, "scale")
+    _check_replicas_behind_nginx(doc, replicas, lb)
     gpus = []
     for name, service in replicas.items():
-        assert "vqtok-replica" in service["networks"]["default"]["aliases"], name
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
         gpus += device["device_ids"]
     assert len(gpus) == len(set(gpus)) == len(replicas), f"replicas share GPUs: {gpus}"
-    lb = doc["services"]["lb"]
-    assert lb["image"].startswith("nginx:")
-    assert set(lb["depends_on"]) == set(replicas)
-    assert any(str(v).startswith("./deploy/nginx.conf:") for v in lb["volumes"])
-    conf = NGINX_CONF.read_text()
-    assert re.search(r"server\s+vqtok-replica:8000\s+resolve", conf)
-    assert "resolver 127.0.0.11" in conf
 
 
-@pytest.mark.parametrize("profile", [None, "cpu", "scale"])
+def test_scale_cpu_profile_runs_without_a_gpu():
+    doc = compose()
+    replicas, lb = _scale(doc, "scale-cpu")
+    _check_replicas_behind_nginx(doc, replicas, lb)
+    for name, service in replicas.items():
+        assert "deploy" not in service, f"{name}: no GPU reservation on the CPU profile"
+        assert service["build"]["args"]["TORCH_FLAVOR"] == "cpu", name
+        # Replicas on one machine share its cores: a thread count each, not one thread per core each.
+        assert service["environment"]["OMP_NUM_THREADS"] == "${VQTOK_REPLICA_THREADS:-1}", name
+    assert lb["ports"] == doc["services"]["lb"]["ports"], "both balancers publish the same port"
+
+
+def _nginx_directives() -> list[list[str]]:
+    """deploy/nginx.conf as a list of directives (words), comments dropped."""
+    text = re.sub(r"#[^\n]*", "", NGINX_CONF.read_text())
+    return [statement.split() for statement in re.split(r"[;{}]", text) if statement.strip()]
+
+
+def test_nginx_config_works_with_debian_nginx_and_retries_safely():
+    directives = _nginx_directives()
+    words = {d[0]: d[1:] for d in directives}
+    (server,) = [d for d in directives if d[0] == "server" and len(d) > 1]
+    # nginx 1.22 (Debian bookworm) has no `resolve`, and without it a `resolver` is unused.
+    assert "resolve" not in server and "resolver" not in words, "nginx < 1.27.3 lacks `server ... resolve`"
+    assert server[1] == "vqtok-replica:8000"
+    options = dict(word.split("=", 1) for word in server[2:])
+    assert int(options["max_fails"]) >= 1 and options["fail_timeout"].endswith("s"), "passive health checks"
+    assert "zone" in words and "least_conn" in words
+    retries = set(words["proxy_next_upstream"])
+    assert {"error", "timeout", "http_502", "http_503", "http_429", "non_idempotent"} <= retries
+    assert int(words["proxy_next_upstream_tries"][0]) >= 2
+    assert words.get("proxy_request_buffering", ["on"]) == ["on"], "a POST body must be buffered to be retried"
+    # Temporary files where any image's worker user may write them (Debian's www-data, nginx, nobody).
+    assert words["client_body_temp_path"][0].startswith("/tmp/") and words["proxy_temp_path"][0].startswith("/tmp/")
+    body = words["client_max_body_size"][0]
+    assert int(body.rstrip("m")) * 1024 * 1024 >= settings_fields()["max_body_bytes"]
+
+
+@pytest.mark.parametrize("profile", [None, "cpu", "scale", "scale-cpu"])
 def test_docker_compose_config_is_valid(profile):
     if not docker_compose_available():
         pytest.skip("the docker compose plugin is not installed")
@@ -345,15 +408,30 @@ def test_docker_compose_config_is_valid(profile):
 
 
 # --------------------------------------------------------------------------------------------- script, docs
-def test_smoke_script_is_valid_bash():
-    assert os.access(SMOKE, os.X_OK), "scripts/docker-smoke.sh is not executable"
-    assert "set -euo pipefail" in SMOKE.read_text()
-    result = subprocess.run(["bash", "-n", str(SMOKE)], capture_output=True, text=True, check=False)
+@pytest.mark.parametrize("script", [SMOKE, SCALE_SMOKE], ids=lambda p: p.name)
+def test_smoke_script_is_valid_bash(script):
+    assert os.access(script, os.X_OK), f"{script.name} is not executable"
+    assert "set -euo pipefail" in script.read_text()
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     shellcheck = shutil.which("shellcheck")
     if shellcheck:
-        result = subprocess.run([shellcheck, str(SMOKE)], capture_output=True, text=True, check=False)
+        result = subprocess.run([shellcheck, str(script)], capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout
+
+
+def test_scale_smoke_runs_the_compose_profile_as_written():
+    """The proof uses the compose file's own profile, balancer and variables, not a copy of them."""
+    text = SCALE_SMOKE.read_text()
+    doc = compose()
+    profile = re.search(r"^PROFILE=(\S+)$", text, re.M).group(1)
+    lb_service = re.search(r"^LB_SERVICE=(\S+)$", text, re.M).group(1)
+    assert profile in doc["services"][lb_service]["profiles"]
+    for variable in ("VQTOK_CPU_IMAGE", "VQTOK_LB_IMAGE", "VQTOK_LB_PORT", "VQTOK_CHECKPOINTS_DIR"):
+        assert variable in text and variable in COMPOSE.read_text(), variable
+    # The balancer image from Debian's packages where no registry answers, as the Python base is built.
+    assert "debootstrap --variant=minbase --include=nginx,wget bookworm" in text and "docker import" in text
+    assert "kill -KILL" in text and "compose restart" in text and "/metrics" in text
 
 
 def test_deployment_docs_name_every_setting():
@@ -362,3 +440,115 @@ def test_deployment_docs_name_every_setting():
         assert f"VQTOK_{name.upper()}" in text, f"README.md (Deployment) does not mention VQTOK_{name.upper()}"
     for needle in ("docker run", "--gpus all", "docker compose up", "PORT", "/checkpoints", "docker-smoke.sh"):
         assert needle in text, needle
+
+
+# --------------------------------------------------------------------------------------------- nginx, for real
+class _StubReplica(BaseHTTPRequestHandler):
+    """A replica stand-in answering every POST with ``status`` (200 echoes the body's size and sha256)."""
+
+    protocol_version = "HTTP/1.1"
+    status: int | str = 200
+    seen: list[int]
+
+    def do_POST(self):
+        import hashlib
+
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append(len(body))
+        if type(self).status == "reset":  # died with the request read and no answer sent
+            self.close_connection = True
+            return
+        payload = json.dumps({"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}).encode()
+        self.send_response(type(self).status)
+        if type(self).status != 200:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def _nginx_binary() -> str | None:
+    return os.environ.get("VQTOK_NGINX") or shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("failure", ["refused", "reset", 503, 429])
+def test_nginx_retries_a_post_on_another_replica(failure, tmp_path):
+    """deploy/nginx.conf run by a real nginx (Debian's 1.22 works: apt-get install nginx, or VQTOK_NGINX=path)
+    in front of a replica that is down, dies mid-request, is draining (503) or full (429), and a good one:
+    every POST gets the good replica's 200, its whole body sent again, and the bad replica is tried and skipped."""
+    import hashlib
+    import time
+    import urllib.request
+
+    nginx = _nginx_binary()
+    if nginx is None:
+        pytest.skip("no nginx binary (apt-get install nginx, or set VQTOK_NGINX)")
+    servers, ports = [], []
+    bad_seen: list[int] = []
+    good_seen: list[int] = []
+    good = type("Good", (_StubReplica,), {"status": 200, "seen": good_seen})
+    for handler in ([good] if failure == "refused" else
+                    [type("Bad", (_StubReplica,), {"status": failure, "seen": bad_seen}), good]):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        ports.append(server.server_address[1])
+    if failure == "refused":
+        ports.insert(0, _free_port())  # nothing listens there: a replica that was killed
+    lb_port = _free_port()
+    conf = NGINX_CONF.read_text()
+    conf, n = re.subn(r"server\s+vqtok-replica:8000([^;]*);",
+                      lambda m: " ".join(f"server 127.0.0.1:{p}{m.group(1)};" for p in ports), conf)
+    assert n == 1
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{lb_port};")
+    conf = conf.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;")
+    conf = conf.replace("access_log /dev/stdout upstream;", f"access_log {tmp_path}/access.log upstream;")
+    conf = re.sub(r"(client_body_temp_path|proxy_temp_path) /tmp/", rf"\1 {tmp_path}/", conf)
+    # Where no nginx package is installed (a binary alone), its compiled-in temp folders may be missing.
+    conf = conf.replace("http {", "http {\n" + "".join(
+        f"    {kind}_temp_path {tmp_path}/{kind};\n" for kind in ("fastcgi", "uwsgi", "scgi")), 1)
+    (tmp_path / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{lb_port}/lb-health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"nginx did not start: {proc.communicate()[0].decode()}")
+                time.sleep(0.05)
+        body = os.urandom(200_000)
+        for _ in range(6):
+            request = urllib.request.Request(f"http://127.0.0.1:{lb_port}/encode", data=body, method="POST",
+                                             headers={"Content-Type": "image/png"})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.status == 200
+                assert json.loads(answer.read()) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        log = (tmp_path / "access.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert len(good_seen) == 6 and set(good_seen) == {len(body)}
+    if failure != "refused":
+        assert bad_seen and set(bad_seen) == {len(body)}, "the bad replica was never tried"
+    assert f"127.0.0.1:{ports[0]}, 127.0.0.1:{ports[-1]}" in log, "no request was retried on the other replica"
