@@ -200,7 +200,7 @@ def read_checkpoint_record(directory: str | os.PathLike[str]) -> CheckpointRecor
 
     Reading checks the format and version, the configs (strict types, bounds and the parameter limit:
     nothing is allocated), the ``weights_file`` name and the metadata's types; not the weights.
-    ``directory`` may be the name of a bundled checkpoint (``default``, ``vqgan-f8``: ``model.weights``).
+    ``directory`` may be the name of a bundled checkpoint (``default``: ``model.weights``).
     """
     path = resolve_checkpoint(directory)
     if not path.is_dir():

@@ -1,6 +1,6 @@
 """Print the model-card table: held-out quality of checkpoints side by side, and draw a zoomed crop.
 
-    python scripts/model_card.py default vqgan-f8 runs/seed-f8/checkpoint --data data/photos-v1 \\
+    python scripts/model_card.py default runs/vqgan-f8/checkpoint runs/seed-f8/checkpoint --data data/photos-v1 \\
         --zoom docs/model-card-zoom.png
 
 For each checkpoint (a directory or a bundled name), on the held-out images of ``--data`` at full size

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The bundled LLM-grade model (model/weights/vqgan-f8) and its baseline, exactly as trained; each command
+# The LLM-grade f=8 candidate (VQGAN family) and its seed-architecture baseline, exactly as trained; each command
 # resumes where it stopped when run again (--resume once a checkpoint exists).
 #   bash scripts/train_bundled_f8.sh vqgan      # VQGAN family, f=8, K=8192, l2-normalised 8-dim codes
 #   bash scripts/train_bundled_f8.sh seed       # the seed architecture and recipe (EMA, restarts, no k-means)

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     )
     checkpoint: Path = Field(
         DEFAULT_CHECKPOINT,
-        description="checkpoint directory (model.safetensors + config.json), or a bundled model's name: default "
-                    "(f=4, 512 codes) or vqgan-f8 (f=8, 8,192 codes)",
+        description="checkpoint directory (model.safetensors + config.json), or a bundled model's name "
+                    "(default: the seed's f=4 model with 512 codes)",
     )
     device: DeviceChoice = Field("auto", description="auto picks cuda when available, else cpu")
     api_key: SecretStr | None = Field(

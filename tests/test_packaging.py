@@ -45,7 +45,14 @@ def test_wheel_has_one_top_level_package(wheel: Path) -> None:
         assert archive.read(top_level).decode().split() == ["vqtok"]
         entry_points = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"vqtok"}
-    assert "vqtok/model/weights/default/model.safetensors" in names
+    # every bundled checkpoint ships, and the page's files
+    bundled = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "model" / "weights").iterdir()
+                     if (p / "config.json").is_file())
+    assert "default" in bundled
+    for name in bundled:
+        assert f"vqtok/model/weights/{name}/model.safetensors" in names
+        assert f"vqtok/model/weights/{name}/config.json" in names
+    assert "vqtok/service/web/static/index.html" in names
     assert "vqtok = vqtok.service.cli:main" in entry_points
 
 

@@ -1,7 +1,9 @@
 """The bundled checkpoints, by name: each folder here holding a ``config.json`` is one.
 
 - ``default``: the seed's architecture, f=4, 512 codes (a 256x256 image is 4,096 tokens of 9 bits).
-- ``vqgan-f8``: the VQGAN family, f=8, 8,192 l2-normalised 8-dimensional codes (1,024 tokens of 13 bits).
+
+A folder added here (a trained checkpoint directory) is bundled under its folder name; the LLM-grade f=8
+model (issue 10) will be the second.
 
 Every command that takes a checkpoint (``vqtok serve --checkpoint``, ``evaluate``, ``tokenize``,
 ``Tokenizer.from_checkpoint``) takes one of these names too; an existing directory of the same name wins.
@@ -23,7 +25,7 @@ def bundled_checkpoints() -> dict[str, Path]:
 def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path:
     """A checkpoint directory, or the name of a bundled checkpoint -> its directory.
 
-    A path that exists is used as it is; otherwise a bundled name (``default``, ``vqgan-f8``) gives the
+    A path that exists is used as it is; otherwise a bundled name (``default``) gives the
     bundled folder; anything else is returned unchanged, for the loader to report as missing.
     """
     path = Path(spec)

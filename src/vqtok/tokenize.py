@@ -88,7 +88,7 @@ class TokenizeConfig:
     """Options of ``vqtok tokenize``.
 
     Attributes:
-        checkpoint: checkpoint directory, or a bundled model's name ("default", "vqgan-f8").
+        checkpoint: checkpoint directory, or a bundled model's name ("default").
         input: data spec (image folder, folder:DIR, photos, cifar10:DIR), a *.txt / *.jsonl file list
             (list:FILE), tar shards (x.tar or tar:DIR) or Parquet files (x.parquet or parquet:PATH[#COLUMN]).
         out: output directory (shards, manifest.jsonl and summary.json).

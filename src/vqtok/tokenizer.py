@@ -55,7 +55,7 @@ class Tokenizer:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str] = "default", device: str = "auto",
                         batch_size: int = 16) -> Tokenizer:
-        """Load a checkpoint directory or a bundled model by name (``"default"``, ``"vqgan-f8"``) on ``device``
+        """Load a checkpoint directory or a bundled model by name (``"default"``) on ``device``
         (auto, cpu, cuda)."""
         return cls(Engine.load(resolve_checkpoint(path), device), batch_size=batch_size)
 
