@@ -48,7 +48,8 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CONTAINER=vqtok-smoke-$$
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vqtok-smoke.XXXXXX")
 
-STARTED_DOCKERD_PID=""
+# shellcheck source=scripts/docker-engine.sh
+source "$(dirname "$0")/docker-engine.sh"  # ensure_docker_engine, stop_started_dockerd
 WHEEL_SERVER_PID=""
 CONTAINER_STARTED=0
 COMPOSE=()
@@ -106,11 +107,7 @@ cleanup() {
         kill "$WHEEL_SERVER_PID" 2>/dev/null
         wait "$WHEEL_SERVER_PID" 2>/dev/null
     fi
-    if [[ -n $STARTED_DOCKERD_PID && ${VQTOK_SMOKE_KEEP_DOCKERD:-0} != 1 ]]; then
-        kill "$STARTED_DOCKERD_PID" 2>/dev/null
-        for _ in $(seq 1 30); do kill -0 "$STARTED_DOCKERD_PID" 2>/dev/null || break; sleep 1; done
-        log "stopped the dockerd this script started"
-    fi
+    stop_started_dockerd
     rm -rf "$WORK"
     if [[ $rc == 0 ]]; then
         phase ""
@@ -143,27 +140,7 @@ done
 
 # ---------------------------------------------------------------------------------------------
 phase "docker engine"
-if ! docker info >/dev/null 2>&1; then
-    [[ $(id -u) == 0 ]] || fail "no Docker engine answers and this is not root: start dockerd first"
-    if ! command -v dockerd >/dev/null; then
-        log "installing Debian's docker.io (dockerd)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >"$WORK/apt.log" 2>&1 \
-            || { tail -20 "$WORK/apt.log"; fail "apt-get install docker.io failed"; }
-    fi
-    command -v docker >/dev/null || fail "no docker client"
-    # No iptables (not allowed in our sandboxes) and no docker0 bridge: builds and containers
-    # here use the host's network.
-    DOCKERD_LOG=${TMPDIR:-/tmp}/vqtok-smoke-dockerd.log
-    log "starting dockerd --iptables=false --bridge=none (log: $DOCKERD_LOG)"
-    dockerd --iptables=false --bridge=none >"$DOCKERD_LOG" 2>&1 &
-    STARTED_DOCKERD_PID=$!
-    for _ in $(seq 1 60); do
-        docker info >/dev/null 2>&1 && break
-        kill -0 "$STARTED_DOCKERD_PID" 2>/dev/null || { tail -20 "$DOCKERD_LOG"; fail "dockerd exited"; }
-        sleep 1
-    done
-    docker info >/dev/null 2>&1 || { tail -20 "$DOCKERD_LOG"; fail "dockerd did not answer in 60s"; }
-fi
+ensure_docker_engine smoke
 log "engine: $(docker version --format 'server {{.Server.Version}}, client {{.Client.Version}}')"
 
 # ---------------------------------------------------------------------------------------------

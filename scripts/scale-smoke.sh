@@ -53,7 +53,8 @@ PROFILE=scale-cpu
 LB_SERVICE=lb-cpu
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vqtok-scale.XXXXXX")
 
-STARTED_DOCKERD_PID=""
+# shellcheck source=scripts/docker-engine.sh
+source "$(dirname "$0")/docker-engine.sh"  # ensure_docker_engine, stop_started_dockerd
 COMPOSE=()
 COMPOSE_STARTED=0
 LOAD_PID=""
@@ -90,11 +91,7 @@ cleanup() {
         fi
         log "removed compose project $PROJECT"
     fi
-    if [[ -n $STARTED_DOCKERD_PID && ${VQTOK_SMOKE_KEEP_DOCKERD:-0} != 1 ]]; then
-        kill "$STARTED_DOCKERD_PID" 2>/dev/null
-        for _ in $(seq 1 30); do kill -0 "$STARTED_DOCKERD_PID" 2>/dev/null || break; sleep 1; done
-        log "stopped the dockerd this script started"
-    fi
+    stop_started_dockerd
     rm -rf "$WORK"
     if [[ $rc == 0 ]]; then
         echo "---- figures ----"
@@ -119,24 +116,7 @@ done
 
 # ---------------------------------------------------------------------------------------------
 log "== docker engine"
-if ! docker info >/dev/null 2>&1; then
-    [[ $(id -u) == 0 ]] || fail "no Docker engine answers and this is not root: start dockerd first"
-    if ! command -v dockerd >/dev/null; then
-        log "installing Debian's docker.io (dockerd)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >"$WORK/apt.log" 2>&1 \
-            || { tail -20 "$WORK/apt.log"; fail "apt-get install docker.io failed"; }
-    fi
-    DOCKERD_LOG=${TMPDIR:-/tmp}/vqtok-scale-dockerd.log
-    log "starting dockerd --iptables=false --bridge=none (log: $DOCKERD_LOG)"
-    dockerd --iptables=false --bridge=none >"$DOCKERD_LOG" 2>&1 &
-    STARTED_DOCKERD_PID=$!
-    for _ in $(seq 1 60); do
-        docker info >/dev/null 2>&1 && break
-        kill -0 "$STARTED_DOCKERD_PID" 2>/dev/null || { tail -20 "$DOCKERD_LOG"; fail "dockerd exited"; }
-        sleep 1
-    done
-    docker info >/dev/null 2>&1 || { tail -20 "$DOCKERD_LOG"; fail "dockerd did not answer in 60s"; }
-fi
+ensure_docker_engine scale
 
 # ---------------------------------------------------------------------------------------------
 log "== CPU image (scripts/docker-smoke.sh, without its compose phase)"
