@@ -277,9 +277,9 @@ class NetworkConfig(_StrictFields):
     def identity_dict(self) -> dict[str, Any]:
         """What ``model_id`` hashes: every field, except the later ones (``FIELDS_HASHED_ONLY_WHEN_SET``)
         while they hold their defaults, so ids of checkpoints written before those fields existed hold."""
-        defaults = type(self)()
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return {name: value for name, value in self.to_dict().items()
-                if name not in FIELDS_HASHED_ONLY_WHEN_SET or getattr(self, name) != getattr(defaults, name)}
+                if name not in FIELDS_HASHED_ONLY_WHEN_SET or getattr(self, name) != defaults[name]}
 
     def parameter_count(self) -> int:
         """Numbers in the model's tensors (parameters and buffers), computed from the config alone.
