@@ -281,3 +281,35 @@ def test_the_quantizer_combines_statistics_through_its_injected_reducer(monkeypa
     out = quantizer(inputs)
     assert "sum" in seen and "broadcast" in seen  # counts, EMA sums and the restarts went through it
     assert float(out.counts.sum()) == 2 * inputs.shape[0] * 3 * 3  # the counts came back summed
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"arch": "vqgan", "downsample": 16, "channel_multipliers": (1, 2, 4)},
+     r"channel_multipliers \(1, 2, 4\) has 3 levels, which downsample by 4, but downsample is 16"),
+    ({"arch": "vqgan", "downsample": 8, "attention_levels": (4,)}, r"attention_levels must be in \[0, 3\], got \(4,\)"),
+    ({"arch": "vqgan", "downsample": 8, "num_hiddens": 48}, "every level's channels must divide by norm_groups 32"),
+    ({"arch": "vqgan", "downsample": 8, "channel_multipliers": (1, 2, 2, 65)},
+     r"channel_multipliers must be in \[1, 64\]"),
+    ({"channel_multipliers": (1, 2, 4)}, "channel_multipliers is a vqgan setting; arch 'seed' takes none"),
+    ({"quantizer": "fsq", "fsq_levels": (8, 5, 5, 5), "num_embeddings": 512},
+     r"num_embeddings must be the product of fsq_levels \(8, 5, 5, 5\) \(1000\), got 512"),
+    ({"quantizer": "fsq", "fsq_levels": (8, 1), "num_embeddings": 8},
+     r"fsq_levels needs 1 to 16 levels, each in \[2, 256\]"),
+    ({"quantizer": "fsq", "fsq_levels": (8, 8), "num_embeddings": 64, "l2_normalize": True},
+     "the 'fsq' quantizer takes neither"),
+    ({"fsq_levels": (8, 8)}, "fsq_levels is an 'fsq' setting; quantizer 'ema' takes none"),
+    ({"code_dim": -1}, "code_dim must be >= 0, got -1"),
+])
+def test_the_new_network_fields_are_refused_out_of_range_with_their_name(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NetworkConfig(**fields)
+
+
+def test_kmeans_init_is_refused_for_fsq_and_its_gathering_is_bounded() -> None:
+    fsq = NetworkConfig(quantizer="fsq", fsq_levels=(8, 8), num_embeddings=64)
+    with pytest.raises(ValueError, match="kmeans_init needs a codebook; the 'fsq' quantizer has none"):
+        CodebookTrainingConfig(kmeans_init=True).check_network(fsq)
+    with pytest.raises(ValueError, match=r"kmeans_vectors_per_code must be in \[1, 1000\], got 0"):
+        CodebookTrainingConfig(kmeans_vectors_per_code=0)
+    with pytest.raises(TypeError, match="channel_multipliers must be a list of integers"):
+        NetworkConfig(arch="vqgan", downsample=8, channel_multipliers=(1.0, 2, 2, 4))

@@ -214,7 +214,8 @@ def test_bad_inputs_exit_2(tiny_checkpoint: Path, tmp_path: Path, case: str,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("vqtok tokenize: error:"), err
-    expected = {"checkpoint": "does not exist", "empty": "holds no image", "missing_input": "no-such-folder"}[case]
+    expected = {"checkpoint": "does not exist (or is not a directory); bundled ones: default",
+                "empty": "holds no image", "missing_input": "no-such-folder"}[case]
     assert expected in err
 
 

@@ -167,6 +167,12 @@ def test_train_refuses_bad_flags_with_a_message(tmp_path: Path, capsys: pytest.C
     assert "--image-size 30 must be a multiple of --downsample 4" in capsys.readouterr().err
     assert vqtok(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "missing" in capsys.readouterr().err
+    assert vqtok(["train", "--crops-per-image", "0", "--out", str(tmp_path)]) == 2
+    assert "--crops-per-image must be >= 1, got 0" in capsys.readouterr().err
+    assert vqtok(["train", "--arch", "vqgan", "--downsample", "8", "--channel-multipliers", "1", "2", "4",
+                  "--out", str(tmp_path)]) == 2
+    assert "channel_multipliers (1, 2, 4) has 3 levels, which downsample by 4, but downsample is 8" in (
+        capsys.readouterr().err)
 
 
 def test_environment_variables_set_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
