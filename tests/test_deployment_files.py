@@ -381,12 +381,14 @@ def _nginx_directives() -> list[list[str]]:
 def test_nginx_config_works_with_debian_nginx_and_retries_safely():
     directives = _nginx_directives()
     words = {d[0]: d[1:] for d in directives}
-    (server,) = [d for d in directives if d[0] == "server" and len(d) > 1]
+    server, backup = [d for d in directives if d[0] == "server" and len(d) > 1]
     # nginx 1.22 (Debian bookworm) has no `resolve`, and without it a `resolver` is unused.
-    assert "resolve" not in server and "resolver" not in words, "nginx < 1.27.3 lacks `server ... resolve`"
-    assert server[1] == "vqtok-replica:8000"
+    assert "resolve" not in server + backup and "resolver" not in words, "nginx < 1.27.3 lacks `server ... resolve`"
+    assert server[1] == backup[1] == "vqtok-replica:8000"
     options = dict(word.split("=", 1) for word in server[2:])
     assert int(options["max_fails"]) >= 1 and options["fail_timeout"].endswith("s"), "passive health checks"
+    # The same replicas as never-failed backups: no "no live upstreams" 502 while all are marked failed.
+    assert "backup" in backup and "max_fails=0" in backup
     assert "zone" in words and "least_conn" in words
     retries = set(words["proxy_next_upstream"])
     assert {"error", "timeout", "http_502", "http_503", "http_429", "non_idempotent"} <= retries
@@ -484,67 +486,103 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("failure", ["refused", "reset", 503, 429])
-def test_nginx_retries_a_post_on_another_replica(failure, tmp_path):
+class _NginxInFront:
     """deploy/nginx.conf run by a real nginx (Debian's 1.22 works: apt-get install nginx, or VQTOK_NGINX=path)
-    in front of a replica that is down, dies mid-request, is draining (503) or full (429), and a good one:
-    every POST gets the good replica's 200, its whole body sent again, and the bad replica is tried and skipped."""
-    import hashlib
-    import time
-    import urllib.request
+    on a free loopback port, its replicas' alias replaced by ``ports`` (in that order), logging to ``tmp_path``."""
 
-    nginx = _nginx_binary()
-    if nginx is None:
-        pytest.skip("no nginx binary (apt-get install nginx, or set VQTOK_NGINX)")
-    servers, ports = [], []
-    bad_seen: list[int] = []
-    good_seen: list[int] = []
-    good = type("Good", (_StubReplica,), {"status": 200, "seen": good_seen})
-    for handler in ([good] if failure == "refused" else
-                    [type("Bad", (_StubReplica,), {"status": failure, "seen": bad_seen}), good]):
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        ports.append(server.server_address[1])
-    if failure == "refused":
-        ports.insert(0, _free_port())  # nothing listens there: a replica that was killed
-    lb_port = _free_port()
-    conf = NGINX_CONF.read_text()
-    conf, n = re.subn(r"server\s+vqtok-replica:8000([^;]*);",
-                      lambda m: " ".join(f"server 127.0.0.1:{p}{m.group(1)};" for p in ports), conf)
-    assert n == 1
-    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{lb_port};")
-    conf = conf.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;")
-    conf = conf.replace("access_log /dev/stdout upstream;", f"access_log {tmp_path}/access.log upstream;")
-    conf = re.sub(r"(client_body_temp_path|proxy_temp_path) /tmp/", rf"\1 {tmp_path}/", conf)
-    # Where no nginx package is installed (a binary alone), its compiled-in temp folders may be missing.
-    conf = conf.replace("http {", "http {\n" + "".join(
-        f"    {kind}_temp_path {tmp_path}/{kind};\n" for kind in ("fastcgi", "uwsgi", "scgi")), 1)
-    (tmp_path / "nginx.conf").write_text(conf)
-    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    def __init__(self, ports: list[int], tmp_path: Path):
+        nginx = _nginx_binary()
+        if nginx is None:
+            pytest.skip("no nginx binary (apt-get install nginx, or set VQTOK_NGINX)")
+        self.port = _free_port()
+        self.log = tmp_path / "access.log"
+        conf = NGINX_CONF.read_text()
+        conf, n = re.subn(r"server\s+vqtok-replica:8000([^;]*);",
+                          lambda m: " ".join(f"server 127.0.0.1:{p}{m.group(1)};" for p in ports), conf)
+        assert n == 2  # the replicas, and the same replicas as backups
+        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
+        conf = conf.replace("pid /tmp/nginx.pid;", f"pid {tmp_path}/nginx.pid;")
+        conf = conf.replace("access_log /dev/stdout upstream;", f"access_log {self.log} upstream;")
+        conf = re.sub(r"(client_body_temp_path|proxy_temp_path) /tmp/", rf"\1 {tmp_path}/", conf)
+        # Where no nginx package is installed (a binary alone), its compiled-in temp folders may be missing.
+        conf = conf.replace("http {", "http {\n" + "".join(
+            f"    {kind}_temp_path {tmp_path}/{kind};\n" for kind in ("fastcgi", "uwsgi", "scgi")), 1)
+        (tmp_path / "nginx.conf").write_text(conf)
+        self.proc = subprocess.Popen(
+            [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> _NginxInFront:
+        import time
+        import urllib.request
+
         deadline = time.monotonic() + 10
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{lb_port}/lb-health", timeout=2).read()
-                break
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/lb-health", timeout=2).read()
+                return self
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    pytest.fail(f"nginx did not start: {proc.communicate()[0].decode()}")
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.proc.kill()
+                    pytest.fail(f"nginx did not start: {self.proc.communicate()[0].decode()}")
                 time.sleep(0.05)
-        body = os.urandom(200_000)
-        for _ in range(6):
-            request = urllib.request.Request(f"http://127.0.0.1:{lb_port}/encode", data=body, method="POST",
-                                             headers={"Content-Type": "image/png"})
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def post(self, body: bytes) -> tuple[int, bytes]:
+        """POST ``body`` to /encode through the balancer: (status, answer body)."""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/encode", data=body, method="POST",
+                                         headers={"Content-Type": "image/png"})
+        try:
             with urllib.request.urlopen(request, timeout=10) as answer:
-                assert answer.status == 200
-                assert json.loads(answer.read()) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
-        log = (tmp_path / "access.log").read_text()
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+
+def _stub_replicas_on(port: int, *handlers: type[_StubReplica]) -> list[ThreadingHTTPServer]:
+    """One serving stub replica per handler, on ``port`` (0: a free one each)."""
+    servers = []
+    for handler in handlers:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    return servers
+
+
+def _stub_replicas(*handlers: type[_StubReplica]) -> list[ThreadingHTTPServer]:
+    return _stub_replicas_on(0, *handlers)
+
+
+@pytest.mark.parametrize("failure", ["refused", "reset", 503, 429])
+def test_nginx_retries_a_post_on_another_replica(failure, tmp_path):
+    """A real nginx with deploy/nginx.conf in front of a replica that is down, dies mid-request, is draining
+    (503) or full (429), and a good one: every POST gets the good replica's 200, its whole body sent again,
+    and the bad replica is tried and skipped."""
+    import hashlib
+
+    bad_seen: list[int] = []
+    good_seen: list[int] = []
+    good = type("Good", (_StubReplica,), {"status": 200, "seen": good_seen})
+    servers = _stub_replicas(*([good] if failure == "refused" else
+                               [type("Bad", (_StubReplica,), {"status": failure, "seen": bad_seen}), good]))
+    ports = [server.server_address[1] for server in servers]
+    if failure == "refused":
+        ports.insert(0, _free_port())  # nothing listens there: a replica that was killed
+    body = os.urandom(200_000)
+    try:
+        with _NginxInFront(ports, tmp_path) as lb:
+            for _ in range(6):
+                status, answer = lb.post(body)
+                assert status == 200
+                assert json.loads(answer) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        log = lb.log.read_text()
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
         for server in servers:
             server.shutdown()
             server.server_close()
@@ -552,3 +590,31 @@ def test_nginx_retries_a_post_on_another_replica(failure, tmp_path):
     if failure != "refused":
         assert bad_seen and set(bad_seen) == {len(body)}, "the bad replica was never tried"
     assert f"127.0.0.1:{ports[0]}, 127.0.0.1:{ports[-1]}" in log, "no request was retried on the other replica"
+
+
+def test_nginx_keeps_serving_when_every_replica_was_marked_failed(tmp_path):
+    """A rolling restart's worst moment: replica A was stopped (refused connections got it marked failed) and
+    has just come back, but nginx holds it as failed for fail_timeout; now replica B drains (503). Every
+    request must reach A: no "no live upstreams" 502 while both are marked failed."""
+    a_seen: list[int] = []
+    b_seen: list[int] = []
+    replica_b = type("B", (_StubReplica,), {"status": 200, "seen": b_seen})
+    port_a = _free_port()
+    servers = _stub_replicas(replica_b)
+    try:
+        with _NginxInFront([port_a, servers[0].server_address[1]], tmp_path) as lb:
+            # A is stopped: its refused connections count as failed tries until it is marked failed.
+            assert [lb.post(b"x" * 1000)[0] for _ in range(8)] == [200] * 8
+            assert lb.log.read_text().count(f"127.0.0.1:{port_a}, ") >= 3, "A was not tried while stopped"
+            # A is back and ready, inside its fail_timeout (5 s); B starts draining.
+            replica_a = type("A", (_StubReplica,), {"status": 200, "seen": a_seen})
+            servers += _stub_replicas_on(port_a, replica_a)
+            replica_b.status = 503
+            answers = [lb.post(b"y" * 1000)[0] for _ in range(10)]
+        log = lb.log.read_text()
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert answers == [200] * 10, log
+    assert len(a_seen) == 10 and b_seen, "B was not tried while draining"
