@@ -2,6 +2,8 @@
 # The LLM-grade f=8 candidate (VQGAN family) and its seed-architecture baseline, exactly as trained; each command
 # resumes where it stopped when run again (--resume once a checkpoint exists).
 #   bash scripts/train_bundled_f8.sh vqgan      # VQGAN family, f=8, K=8192, l2-normalised 8-dim codes
+#   bash scripts/train_bundled_f8.sh vqgan-fsq  # the same network, FSQ with levels 8 8 8 4 4 (K=8192)
+#   bash scripts/train_bundled_f8.sh seed-fsq   # the seed architecture with that FSQ
 #   bash scripts/train_bundled_f8.sh seed       # the seed architecture and recipe (EMA, restarts, no k-means)
 #                                               # at f=8, K=8192: same steps, batch and data
 set -euo pipefail
@@ -14,8 +16,12 @@ case "${1:-vqgan}" in
   vqgan) OUT=runs/vqgan-f8; ARGS=(--arch vqgan --num-hiddens 32 --channel-multipliers 1 2 2 4 --num-res-blocks 2
                                  --mid-attention --norm-groups 8 --z-channels 64 --embedding-dim 8 --l2-normalize
                                  --kmeans-init --dead-code-window 20 --name vqtok-vqgan-f8) ;;
+  vqgan-fsq) OUT=runs/vqgan-fsq-f8; ARGS=(--arch vqgan --num-hiddens 32 --channel-multipliers 1 2 2 4
+                                 --num-res-blocks 2 --mid-attention --norm-groups 8 --z-channels 64
+                                 --quantizer fsq --fsq-levels 8 8 8 4 4 --embedding-dim 5 --name vqtok-vqgan-fsq-f8) ;;
   seed)  OUT=runs/seed-f8; ARGS=(--name vqtok-seed-f8-k8192) ;;
-  *) echo "usage: $0 vqgan|seed" >&2; exit 2 ;;
+  seed-fsq) OUT=runs/seed-fsq-f8; ARGS=(--quantizer fsq --fsq-levels 8 8 8 4 4 --name vqtok-seed-fsq-f8) ;;
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-fsq" >&2; exit 2 ;;
 esac
 RESUME=()
 [ -f "$OUT/trainer_state.pt" ] && RESUME=(--resume)
