@@ -39,7 +39,7 @@ def describe(checkpoint: Checkpoint, data: str) -> dict[str, str]:
     wall = (provenance.wall_time_s or 0.0) / 60 if provenance else 0.0
     return {
         "architecture": f"{network.arch}, f={network.downsample}",
-        "codes (K x D)": f"{network.num_embeddings:,} x {network.embedding_dim} ({quantizer})",
+        "codes (K x code dim)": f"{network.num_embeddings:,} x {network.code_vector_dim} ({quantizer})",
         "tokens per 256x256 image": f"{side * side:,}",
         "bits per token": f"{math.log2(network.num_embeddings):.1f}",
         "PSNR (dB)": f"{metrics['psnr']:.2f}",

@@ -4,8 +4,11 @@
 #   bash scripts/train_bundled_f8.sh vqgan      # VQGAN family, f=8, K=8192, l2-normalised 8-dim codes
 #   bash scripts/train_bundled_f8.sh vqgan-fsq  # the same network, FSQ with levels 8 8 8 4 4 (K=8192)
 #   bash scripts/train_bundled_f8.sh seed-fsq   # the seed architecture with that FSQ
-#   bash scripts/train_bundled_f8.sh seed       # the seed architecture and recipe (EMA, restarts, no k-means)
-#                                               # at f=8, K=8192: same steps, batch and data
+#   bash scripts/train_bundled_f8.sh seed       # the seed architecture with vqtok's EMA recipe (restarts after
+#                                               # 100 unused steps, no k-means) at f=8, K=8192
+#   bash scripts/train_bundled_f8.sh seed-balanced  # ... and re-seeding codes used by < 0.05 vectors per step
+#   bash scripts/train_bundled_f8.sh seed-recipe  # the seed architecture and the seed's recipe (EMA, no restarts)
+# All with the same steps, batch and data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/photos-v1}
@@ -20,8 +23,10 @@ case "${1:-vqgan}" in
                                  --num-res-blocks 2 --mid-attention --norm-groups 8 --z-channels 64
                                  --quantizer fsq --fsq-levels 8 8 8 4 4 --embedding-dim 5 --name vqtok-vqgan-fsq-f8) ;;
   seed)  OUT=runs/seed-f8; ARGS=(--name vqtok-seed-f8-k8192) ;;
+  seed-balanced) OUT=runs/seed-balanced-f8; ARGS=(--dead-code-threshold 0.05 --name vqtok-seed-f8-k8192-balanced) ;;
+  seed-recipe) OUT=runs/seed-recipe-f8; ARGS=(--dead-code-window 0 --name vqtok-seed-recipe-f8-k8192) ;;
   seed-fsq) OUT=runs/seed-fsq-f8; ARGS=(--quantizer fsq --fsq-levels 8 8 8 4 4 --name vqtok-seed-fsq-f8) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-fsq" >&2; exit 2 ;;
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq" >&2; exit 2 ;;
 esac
 RESUME=()
 [ -f "$OUT/trainer_state.pt" ] && RESUME=(--resume)

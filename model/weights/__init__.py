@@ -1,9 +1,9 @@
 """The bundled checkpoints, by name: each folder here holding a ``config.json`` is one.
 
 - ``default``: the seed's architecture, f=4, 512 codes (a 256x256 image is 4,096 tokens of 9 bits).
+- ``f8``: the seed's architecture, f=8, 8,192 codes (a 256x256 image is 1,024 tokens of 13 bits).
 
-A folder added here (a trained checkpoint directory) is bundled under its folder name; the LLM-grade f=8
-model (issue 10) will be the second.
+A folder added here (a trained checkpoint directory) is bundled under its folder name.
 
 Every command that takes a checkpoint (``vqtok serve --checkpoint``, ``evaluate``, ``tokenize``,
 ``Tokenizer.from_checkpoint``) takes one of these names too; an existing directory of the same name wins.
