@@ -284,6 +284,11 @@ def probe_image(data: bytes, max_pixels: int, where: str) -> ImageHeader:
     return ImageHeader(format=fmt, size=size)
 
 
+class BudgetBusy(Exception):
+    """A non-blocking reservation of the ``DecodeBudget`` could not be granted at once (not an HTTP error:
+    the caller decodes on a worker thread instead, where it may wait)."""
+
+
 class DecodeBudget:
     """A process-wide bound on the pixels being decoded at once (``max_decode_pixels``).
 
@@ -311,19 +316,28 @@ class DecodeBudget:
             return self._used
 
     @contextlib.contextmanager
-    def reserve(self, pixels: int, where: str) -> Iterator[None]:
-        """Hold ``pixels`` of the budget for the ``with`` block (blocking; call it from a worker thread)."""
+    def reserve(self, pixels: int, where: str, *, wait: bool = True) -> Iterator[None]:
+        """Hold ``pixels`` of the budget for the ``with`` block (blocking; call it from a worker thread).
+
+        ``wait=False`` never blocks (for the event loop): the pixels are granted only when nobody is
+        waiting and they fit now, else ``BudgetBusy`` is raised and nothing is held."""
         want = max(0, min(pixels, self.capacity))  # callers keep images under max_pixels <= capacity
         ticket = object()
         with self._condition:
-            self._waiting.append(ticket)
-            try:
-                granted = self._condition.wait_for(
-                    lambda: self._waiting[0] is ticket and self._used + want <= self.capacity, timeout=self.timeout_s
-                )
-            finally:
-                self._waiting.remove(ticket)
-                self._condition.notify_all()
+            if not wait:
+                if self._waiting or self._used + want > self.capacity:  # never ahead of a waiting reservation
+                    raise BudgetBusy(where)
+                granted = True
+            else:
+                self._waiting.append(ticket)
+                try:
+                    granted = self._condition.wait_for(
+                        lambda: self._waiting[0] is ticket and self._used + want <= self.capacity,
+                        timeout=self.timeout_s,
+                    )
+                finally:
+                    self._waiting.remove(ticket)
+                    self._condition.notify_all()
             if not granted:
                 raise QueueFull(
                     f"{where}: busy: images of {self._used} pixels are being decoded, this one needs {pixels} and "
@@ -470,19 +484,20 @@ def decode_cost(fmt: str, mode: str | None, transparent: bool = False) -> float:
 
 
 def load_fitted(data: bytes, header: ImageHeader, target: Size | None, fit: FitMode, downsample: int,
-                budget: DecodeBudget, max_pixels: int, where: str) -> FittedImage:
+                budget: DecodeBudget, max_pixels: int, where: str, *, wait: bool = True) -> FittedImage:
     """Decode the image ``probe_image`` read the header of, and fit it (see ``plan_fit``).
 
     A JPEG with a ``target`` decodes at a reduced DCT scale when that keeps enough pixels. The decoded
     pixels, weighted by what a pixel of that format and mode costs (``decode_cost``), are reserved in
     ``budget`` before decoding, and given back once the fitted copy (the only array that leaves)
     exists. Pillow allocates a WebP's canvases when it opens the file, so a WebP reserves before it
-    is opened. Errors as ``probe_image``, plus ``QueueFull`` when the budget stays full.
+    is opened. Errors as ``probe_image``, plus ``QueueFull`` when the budget stays full; with
+    ``wait=False`` (the event loop), ``BudgetBusy`` when the budget cannot be granted at once.
     """
     fmt = header.format
     with _pillow_errors(fmt, max_pixels, where):
         if fmt == "WEBP":
-            with budget.reserve(math.ceil(header.size.pixels * decode_cost(fmt, None)), where), \
+            with budget.reserve(math.ceil(header.size.pixels * decode_cost(fmt, None)), where, wait=wait), \
                     Image.open(io.BytesIO(data), formats=[fmt]) as image:
                 return _decode_and_fit(image, header, 1.0, target, fit, downsample, where)
         image = Image.open(io.BytesIO(data), formats=[fmt])
@@ -491,7 +506,7 @@ def load_fitted(data: bytes, header: ImageHeader, target: Size | None, fit: FitM
             if fmt == "JPEG" and target is not None and fit != "none":
                 scale = _draft_jpeg(image, header.size, target, fit, downsample, where)
             cost = decode_cost(fmt, image.mode, transparent="transparency" in image.info)
-            with budget.reserve(math.ceil(image.size[0] * image.size[1] * cost), where):
+            with budget.reserve(math.ceil(image.size[0] * image.size[1] * cost), where, wait=wait):
                 fitted = _decode_and_fit(image, header, scale, target, fit, downsample, where)
                 image.close()  # the decoded buffer goes before the reservation does
         finally:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from tests.errors import assert_error
 from vqtok.service import imaging
 from vqtok.service.errors import QueueFull
-from vqtok.service.imaging import DecodeBudget, Size, fit_image, load_fitted, probe_image
+from vqtok.service.imaging import BudgetBusy, DecodeBudget, Size, fit_image, load_fitted, probe_image
 
 PNG_HEADERS = {"content-type": "image/png"}
 
@@ -320,6 +320,66 @@ def test_budget_times_out_with_429_and_serves_in_order() -> None:
     assert order == ["large", "small"] and budget.in_use == 0
 
 
+def test_budget_without_wait_never_blocks_and_never_overtakes_a_waiter() -> None:
+    """The event loop's reservation (``wait=False``): granted only when it fits now and nobody waits."""
+    budget = DecodeBudget(100, timeout_s=5.0)
+    held = budget.reserve(80, "held")
+    held.__enter__()
+    with pytest.raises(BudgetBusy), budget.reserve(30, "too big", wait=False):
+        pass
+    assert budget.in_use == 80  # nothing held by the refused reservation
+    with budget.reserve(20, "fits", wait=False):
+        assert budget.in_use == 100
+    waiting = budget.reserve(50, "waiter")  # referenced here: held (not collected) after its thread ends
+    waiter = threading.Thread(target=waiting.__enter__)
+    waiter.start()
+    time.sleep(0.1)
+    with pytest.raises(BudgetBusy), budget.reserve(10, "would fit", wait=False):  # but "waiter" is first
+        pass
+    held.__exit__(None, None, None)
+    waiter.join(5)
+    assert budget.in_use == 50  # the waiter got its pixels
+
+
+@pytest.mark.asyncio
+async def test_small_requests_are_decoded_on_the_loop_and_large_ones_in_the_threadpool(
+        make_service, astronaut, image_bytes, monkeypatch) -> None:
+    """A 32x32 PNG is fitted without a threadpool hop; 5 of them (over INLINE_MAX_IMAGES), a 256x256 one
+    (over INLINE_MAX_PIXELS) or one whose decode budget is taken are fitted in the threadpool. The grids
+    are the same either way."""
+    from vqtok.service.routers import encode as encode_route
+
+    hops: list[str] = []
+    original = encode_route.run_in_threadpool
+
+    async def counting(function, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(function.__name__)
+        return await original(function, *args, **kwargs)
+
+    monkeypatch.setattr(encode_route, "run_in_threadpool", counting)
+    small = image_bytes(astronaut, size=(32, 32))
+    large = image_bytes(astronaut, size=(256, 256))
+    async with make_service(max_pixels=300_000, max_decode_pixels=300_000, decode_wait_s=5.0) as (app, client):
+        alone = await client.post("/encode", content=small, headers=PNG_HEADERS)
+        assert alone.status_code == 200 and hops == []
+        five = await client.post("/encode", files=[("image", ("a.png", small, "image/png"))] * 5)
+        assert five.status_code == 200 and hops == ["_fit_images"]
+        assert all(image["indices"] == alone.json()["images"][0]["indices"] for image in five.json()["images"])
+        hops.clear()
+        assert (await client.post("/encode", content=large, headers=PNG_HEADERS)).status_code == 200
+        assert hops == ["_fit_images"]
+        hops.clear()
+        budget = app.state.service.decode_budget
+        holder = budget.reserve(300_000 - 100, "another request")  # leaves too little for a 32x32 PNG
+        holder.__enter__()
+        pending = asyncio.ensure_future(client.post("/encode", content=small, headers=PNG_HEADERS))
+        await asyncio.sleep(0.3)
+        holder.__exit__(None, None, None)  # the threadpool's reservation, waiting, is granted now
+        busy = await pending
+        assert busy.status_code == 200 and hops == ["_fit_images"]
+        assert busy.json()["images"][0]["indices"] == alone.json()["images"][0]["indices"]
+
+
 @pytest.mark.asyncio
 async def test_full_decode_budget_answers_429_with_retry_after(make_service, astronaut, image_bytes, decodes) -> None:
     png = image_bytes(astronaut, size=(64, 64))
@@ -500,9 +560,9 @@ def test_the_decode_budget_counts_what_a_pixel_costs(mode: str, fmt: str, cost: 
     reserved: list[int] = []
     real_reserve = budget.reserve
 
-    def spy(pixels: int, where: str):  # type: ignore[no-untyped-def]
+    def spy(pixels: int, where: str, *, wait: bool = True):  # type: ignore[no-untyped-def]
         reserved.append(pixels)
-        return real_reserve(pixels, where)
+        return real_reserve(pixels, where, wait=wait)
 
     budget.reserve = spy  # type: ignore[method-assign]
     header = probe_image(data, 10**8, "body")

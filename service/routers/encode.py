@@ -15,6 +15,7 @@ from vqtok.service.dependencies import AcceptsNpy, ReadyModel, State
 from vqtok.service.errors import InvalidRequest, NotAcceptable
 from vqtok.service.imaging import (
     IMAGE_CONTENT_TYPES,
+    BudgetBusy,
     DecodeBudget,
     FittedImage,
     Size,
@@ -71,19 +72,40 @@ ENCODE_BODY = {
 }
 
 
-def _fit_images(request: EncodeInput, settings: Settings, downsample: int, budget: DecodeBudget) -> list[FittedImage]:
+# A small request is decoded and answered on the event loop: for a few small images two hops to a worker
+# thread and back cost more than the work (bench/profile_service.py). Bounded before anything is decoded:
+# at most INLINE_MAX_IMAGES files of INLINE_MAX_BYTES in all, INLINE_MAX_PIXELS in all by their headers,
+# and INLINE_MAX_TOKENS grid cells to turn into JSON. Anything larger runs in the threadpool, as does an
+# image whose share of the decode budget is not free at once.
+INLINE_MAX_IMAGES = 4
+INLINE_MAX_BYTES = 64 * 1024
+INLINE_MAX_PIXELS = 128 * 128
+INLINE_MAX_TOKENS = 4096
+
+
+def _fit_images(request: EncodeInput, settings: Settings, downsample: int, budget: DecodeBudget,
+                *, inline: bool = False) -> list[FittedImage] | None:
     """Check every image from its header, then decode and fit them one at a time (runs in the threadpool).
 
     Nothing is decoded until every image's pixels, grid and the request's token total are known to be
-    within the limits; each decode then holds its pixels in the process-wide ``budget``."""
+    within the limits; each decode then holds its pixels in the process-wide ``budget``. ``inline`` (on
+    the event loop): None, with nothing decoded or held, unless the request is small (``INLINE_MAX_*``)
+    and the budget grants its pixels at once; errors are the same either way."""
     images, size, fit = request.images, request.size, request.options.fit
+    if inline and (len(images) > INLINE_MAX_IMAGES or sum(len(data) for _, data in images) > INLINE_MAX_BYTES):
+        return None
     headers = [probe_image(data, settings.max_pixels, where) for where, data in images]
     tokens = [check_image_grid(header, size, fit, downsample, settings.max_tokens_per_grid, where)
               for header, (where, _) in zip(headers, images, strict=True)]
     check_request_tokens(tokens, settings.max_tokens_per_request, "encoded images",
                          "send fewer images per request or a smaller size")
-    return [load_fitted(data, header, size, fit, downsample, budget, settings.max_pixels, where)
-            for header, (where, data) in zip(headers, images, strict=True)]
+    if inline and sum(header.size.pixels for header in headers) > INLINE_MAX_PIXELS:
+        return None
+    try:
+        return [load_fitted(data, header, size, fit, downsample, budget, settings.max_pixels, where, wait=not inline)
+                for header, (where, data) in zip(headers, images, strict=True)]
+    except BudgetBusy:  # only inline: decode on a worker thread, which may wait for the budget
+        return None
 
 
 def _check_one_grid(fitted: Sequence[FittedImage]) -> None:
@@ -128,7 +150,10 @@ async def encode(
     layout_name, layout = encode_layout(options.layout, options.offset, options.bos, options.eos, state.layouts)
     if body.size is not None:  # from the numbers alone, before any image is read past its header
         check_encode_size(body.size, body.size_name, len(body.images), settings, downsample)
-    fitted = await run_in_threadpool(_fit_images, body, settings, downsample, ready.decode_budget)
+    fitted = _fit_images(body, settings, downsample, ready.decode_budget, inline=True)
+    if fitted is None:
+        fitted = await run_in_threadpool(_fit_images, body, settings, downsample, ready.decode_budget)
+    assert fitted is not None  # not inline: every image or an error
     if want_npy:
         _check_one_grid(fitted)
 
@@ -142,7 +167,10 @@ async def encode(
         headers["x-vqtok-content-sizes"] = ",".join(f"{i.content.width}x{i.content.height}" for i in fitted)
         return Response(npy_bytes(np.stack(grids)), media_type=NPY, headers=headers)
     response.headers.update(headers)
-    tokens = await run_in_threadpool(_tokens, grids, options, layout_name, layout)
+    if sum(grid.size for grid in grids) <= INLINE_MAX_TOKENS:
+        tokens = _tokens(grids, options, layout_name, layout)
+    else:
+        tokens = await run_in_threadpool(_tokens, grids, options, layout_name, layout)
     return EncodeResponse(
         model=engine.identity(),
         fit=options.fit,
