@@ -15,6 +15,7 @@ never paused). The script prints, side by side in one run:
     apt-get install wrk && pip install py-spy
     python bench/profile_service.py                   # about a minute on 2 cores
     python bench/profile_service.py --top 25 --raw out.txt
+    python bench/profile_service.py --images-per-request 64 --connections 1   # one multipart request at a time
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ OUR_FILES = ("service/", "model/", "vqtok/")
 
 WRK_SCRIPT = """
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "image/png"
+wrk.headers["Content-Type"] = "{content_type}"
 local file = io.open("{path}", "rb")
 wrk.body = file:read("*all")
 file:close()
@@ -85,6 +86,17 @@ def summarise(folded: Path, top: int) -> tuple[int, int, list[tuple[str, int]], 
     return all_samples, busy, own.most_common(top), total.most_common(top)
 
 
+def multipart_body(png: bytes, count: int) -> tuple[bytes, str]:
+    """(body, Content-Type) of a request with ``count`` copies of ``png``: the raw PNG for 1, else a
+    multipart/form-data body of ``image`` parts."""
+    if count == 1:
+        return png, "image/png"
+    boundary = "vqtok-profile-boundary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"i.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + png + b"\r\n"
+    return part * count + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def parse_wrk(output: str) -> dict[str, float]:
     """Requests/s and latency percentiles (ms) from ``wrk --latency`` output."""
     units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -104,6 +116,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--size", type=int, default=32, help="side of the square PNG each request sends")
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="more than 1: a multipart request of that many copies of the PNG")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--raw", type=Path, help="also keep py-spy's folded stacks here")
@@ -115,8 +129,11 @@ def main() -> None:
     _, batch16_rate = in_process(args.checkpoint, args.size, 200)
     workdir = Path(tempfile.mkdtemp(prefix="vqtok-profile-"))
     photo = Image.open(io.BytesIO(_coffee_png())).resize((args.size, args.size), Image.Resampling.BICUBIC)
-    photo.save(workdir / "image.png", format="PNG")
-    (workdir / "post.lua").write_text(WRK_SCRIPT.format(path=workdir / "image.png"))
+    png = io.BytesIO()
+    photo.save(png, format="PNG")
+    body, content_type = multipart_body(png.getvalue(), args.images_per_request)
+    (workdir / "body").write_bytes(body)
+    (workdir / "post.lua").write_text(WRK_SCRIPT.format(path=workdir / "body", content_type=content_type))
     folded = args.raw or workdir / "stacks.txt"
 
     port = free_port()
@@ -149,9 +166,11 @@ def main() -> None:
 
     figures = parse_wrk(output)
     print(f"in process (engine, CPU): batch-16 encode {batch16_rate:.0f} images/s at {args.size}x{args.size}")
-    print(f"HTTP /encode, one {args.size}x{args.size} PNG per request, {args.connections} connections (wrk), "
-          f"max batch {args.max_batch_size}: {figures['rate']:.0f} req/s = {figures['rate'] / batch16_rate:.1%} "
-          f"of in-process; p50 {figures['p50']:.1f} ms, p99 {figures['p99']:.1f} ms; "
+    images_rate = figures["rate"] * args.images_per_request
+    print(f"HTTP /encode, {args.images_per_request} {args.size}x{args.size} PNG per request, {args.connections} "
+          f"connections (wrk), max batch {args.max_batch_size}: {figures['rate']:.0f} req/s, {images_rate:.0f} "
+          f"images/s = {images_rate / batch16_rate:.1%} of in-process; p50 {figures['p50']:.1f} ms, "
+          f"p99 {figures['p99']:.1f} ms; "
           f"{int(figures['requests'])} requests, {int(figures['errors'])} non-2xx")
     print(f"CPU per wall second: server {server_cpu / wall:.2f}, wrk {wrk_cpu / wall:.2f} (2.0 = both cores)")
     all_samples, busy, own, total = summarise(folded, args.top)
