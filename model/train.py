@@ -320,10 +320,6 @@ def save_training_plot(path: Path, history: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-
-def _threads(count: int) -> str:
-    return f"{count} thread" + ("" if count == 1 else "s")
-
 def evaluate_heldout(model: VQVAE, heldout: Dataset, batch_size: int) -> tuple[dict[str, Any], torch.Tensor]:
     """Held-out crop metrics (see ``model.evaluate``) with the model in eval mode."""
     was_training = model.training
@@ -591,8 +587,9 @@ class Trainer:
     def save(self, heldout_metrics: dict[str, Any], counts: torch.Tensor | None) -> str:
         """Write the checkpoint (with its record of how it was made) and the trainer state; its model_id."""
         model, config = self.model, self.config
-        device_name = (torch.cuda.get_device_name() if model.device.type == "cuda"
-                       else f"CPU ({platform.processor() or platform.machine()}, {_threads(torch.get_num_threads())})")
+        threads = torch.get_num_threads()
+        device_name = (torch.cuda.get_device_name() if model.device.type == "cuda" else
+                       f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads != 1)})")
         provenance = Provenance(
             name=config.name,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -322,13 +322,13 @@ class DecodeBudget:
         ``wait=False`` never blocks (for the event loop): the pixels are granted only when nobody is
         waiting and they fit now, else ``BudgetBusy`` is raised and nothing is held."""
         want = max(0, min(pixels, self.capacity))  # callers keep images under max_pixels <= capacity
-        ticket = object()
         with self._condition:
             if not wait:
                 if self._waiting or self._used + want > self.capacity:  # never ahead of a waiting reservation
                     raise BudgetBusy(where)
                 granted = True
             else:
+                ticket = object()
                 self._waiting.append(ticket)
                 try:
                     granted = self._condition.wait_for(

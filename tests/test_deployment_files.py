@@ -545,7 +545,7 @@ class _NginxInFront:
             return error.code, error.read()
 
 
-def _stub_replicas_on(port: int, *handlers: type[_StubReplica]) -> list[ThreadingHTTPServer]:
+def _stub_replicas(*handlers: type[_StubReplica], port: int = 0) -> list[ThreadingHTTPServer]:
     """One serving stub replica per handler, on ``port`` (0: a free one each)."""
     servers = []
     for handler in handlers:
@@ -553,10 +553,6 @@ def _stub_replicas_on(port: int, *handlers: type[_StubReplica]) -> list[Threadin
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
     return servers
-
-
-def _stub_replicas(*handlers: type[_StubReplica]) -> list[ThreadingHTTPServer]:
-    return _stub_replicas_on(0, *handlers)
 
 
 @pytest.mark.parametrize("failure", ["refused", "reset", 503, 429])
@@ -608,7 +604,7 @@ def test_nginx_keeps_serving_when_every_replica_was_marked_failed(tmp_path):
             assert lb.log.read_text().count(f"127.0.0.1:{port_a}, ") >= 3, "A was not tried while stopped"
             # A is back and ready, inside its fail_timeout (5 s); B starts draining.
             replica_a = type("A", (_StubReplica,), {"status": 200, "seen": a_seen})
-            servers += _stub_replicas_on(port_a, replica_a)
+            servers += _stub_replicas(replica_a, port=port_a)
             replica_b.status = 503
             answers = [lb.post(b"y" * 1000)[0] for _ in range(10)]
         log = lb.log.read_text()

@@ -18,6 +18,7 @@ from vqtok.service.imaging import (
     BudgetBusy,
     DecodeBudget,
     FittedImage,
+    ImageHeader,
     Size,
     check_image_grid,
     load_fitted,
@@ -83,29 +84,44 @@ INLINE_MAX_PIXELS = 128 * 128
 INLINE_MAX_TOKENS = 4096
 
 
-def _fit_images(request: EncodeInput, settings: Settings, downsample: int, budget: DecodeBudget,
-                *, inline: bool = False) -> list[FittedImage] | None:
-    """Check every image from its header, then decode and fit them one at a time (runs in the threadpool).
-
-    Nothing is decoded until every image's pixels, grid and the request's token total are known to be
-    within the limits; each decode then holds its pixels in the process-wide ``budget``. ``inline`` (on
-    the event loop): None, with nothing decoded or held, unless the request is small (``INLINE_MAX_*``)
-    and the budget grants its pixels at once; errors are the same either way."""
+def _check_headers(request: EncodeInput, settings: Settings, downsample: int) -> list[ImageHeader]:
+    """Every image's header, checked: its pixels, its grid and the request's token total (nothing decoded)."""
     images, size, fit = request.images, request.size, request.options.fit
-    if inline and (len(images) > INLINE_MAX_IMAGES or sum(len(data) for _, data in images) > INLINE_MAX_BYTES):
-        return None
     headers = [probe_image(data, settings.max_pixels, where) for where, data in images]
     tokens = [check_image_grid(header, size, fit, downsample, settings.max_tokens_per_grid, where)
               for header, (where, _) in zip(headers, images, strict=True)]
     check_request_tokens(tokens, settings.max_tokens_per_request, "encoded images",
                          "send fewer images per request or a smaller size")
-    if inline and sum(header.size.pixels for header in headers) > INLINE_MAX_PIXELS:
-        return None
-    try:
-        return [load_fitted(data, header, size, fit, downsample, budget, settings.max_pixels, where, wait=not inline)
-                for header, (where, data) in zip(headers, images, strict=True)]
-    except BudgetBusy:  # only inline: decode on a worker thread, which may wait for the budget
-        return None
+    return headers
+
+
+def _fit_images(request: EncodeInput, settings: Settings, downsample: int, budget: DecodeBudget,
+                headers: list[ImageHeader] | None = None, *, wait: bool = True) -> list[FittedImage]:
+    """Check every image from its header (unless ``headers`` were checked already), then decode and fit them
+    one at a time (in the threadpool; ``wait=False`` on the event loop, see ``DecodeBudget.reserve``).
+
+    Nothing is decoded until every image's pixels, grid and the request's token total are known to be
+    within the limits; each decode then holds its pixels in the process-wide ``budget``."""
+    if headers is None:
+        headers = _check_headers(request, settings, downsample)
+    size, fit = request.size, request.options.fit
+    return [load_fitted(data, header, size, fit, downsample, budget, settings.max_pixels, where, wait=wait)
+            for header, (where, data) in zip(headers, request.images, strict=True)]
+
+
+async def _fit_request(request: EncodeInput, settings: Settings, downsample: int,
+                       budget: DecodeBudget) -> list[FittedImage]:
+    """``_fit_images`` on the event loop for a small request (``INLINE_MAX_*``) whose decode budget is free at
+    once, else in the threadpool; a small request's headers are checked once, on the loop, either way."""
+    images, headers = request.images, None
+    if len(images) <= INLINE_MAX_IMAGES and sum(len(data) for _, data in images) <= INLINE_MAX_BYTES:
+        headers = _check_headers(request, settings, downsample)  # a few KiB of headers: cheap, and errors as usual
+        if sum(header.size.pixels for header in headers) <= INLINE_MAX_PIXELS:
+            try:
+                return _fit_images(request, settings, downsample, budget, headers, wait=False)
+            except BudgetBusy:  # the worker thread may wait for the budget; the loop may not
+                pass
+    return await run_in_threadpool(_fit_images, request, settings, downsample, budget, headers)
 
 
 def _check_one_grid(fitted: Sequence[FittedImage]) -> None:
@@ -150,10 +166,7 @@ async def encode(
     layout_name, layout = encode_layout(options.layout, options.offset, options.bos, options.eos, state.layouts)
     if body.size is not None:  # from the numbers alone, before any image is read past its header
         check_encode_size(body.size, body.size_name, len(body.images), settings, downsample)
-    fitted = _fit_images(body, settings, downsample, ready.decode_budget, inline=True)
-    if fitted is None:
-        fitted = await run_in_threadpool(_fit_images, body, settings, downsample, ready.decode_budget)
-    assert fitted is not None  # not inline: every image or an error
+    fitted = await _fit_request(body, settings, downsample, ready.decode_budget)
     if want_npy:
         _check_one_grid(fitted)
 
