@@ -62,6 +62,12 @@ def pixel_costs(downsample: int) -> dict[str, Callable[[torch.Tensor], int]]:
     }
 
 
+def warmup_batch_size(settings: Settings) -> int:
+    """The largest batch requests can form at ``warmup_size``: ``max_batch_size`` images unless
+    ``max_batch_pixels`` admits fewer (at least one: a larger item runs alone)."""
+    return max(1, min(settings.max_batch_size, settings.max_batch_pixels // settings.warmup_size**2))
+
+
 def create_app(
     settings: Settings | None = None,
     loader: EngineLoader = default_loader,
@@ -96,10 +102,9 @@ def create_app(
             )
             state.engine, state.batcher = engine, batcher
             if settings.warmup:
-                await batcher.run_in_inference_thread(
-                    lambda: engine.warm_up(settings.max_batch_size, settings.warmup_size)
-                )
-                logger.info("warm-up done: batch %d at %dx%d", settings.max_batch_size, settings.warmup_size,
+                warmup_batch = warmup_batch_size(settings)
+                await batcher.run_in_inference_thread(lambda: engine.warm_up(warmup_batch, settings.warmup_size))
+                logger.info("warm-up done: batch %d at %dx%d", warmup_batch, settings.warmup_size,
                             settings.warmup_size)
             batcher.start()
         except Exception as exc:  # any failure to load is reported, then ends the server

@@ -103,7 +103,8 @@ class Settings(BaseSettings):
         20.0, ge=0.0, le=3600.0, description="on SIGTERM, how long queued and running requests may finish; "
         "what is left then gets 503"
     )
-    warmup: bool = Field(True, description="run one max_batch_size batch through encode and decode at startup")
+    warmup: bool = Field(True, description="run the largest batch a request can form at warmup_size (max_batch_size "
+                         "images, fewer when max_batch_pixels binds) through encode and decode at startup")
     warmup_size: int = Field(256, ge=16, le=4096, description="side of the warm-up images")
     log_level: LogLevel = Field("info", description="logging level of the service and uvicorn")
     layout: str = Field(

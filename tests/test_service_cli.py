@@ -20,6 +20,7 @@ from PIL import Image
 
 from tests.conftest import service_settings
 from tests.processes import free_port, wait_until_ready
+from vqtok.service.app import warmup_batch_size
 from vqtok.service.cli import main as vqtok
 from vqtok.service.client import AsyncVQTokClient, ServiceClientError, VQTokClient
 from vqtok.service.server import serve_in_thread
@@ -53,6 +54,17 @@ def test_env_vars_flags_and_port_fallback(monkeypatch: pytest.MonkeyPatch) -> No
     assert (from_flags.max_batch_size, from_flags.device, from_flags.warmup, from_flags.port) == (2, "cpu", True, 9200)
     with pytest.raises(SystemExit):
         parser.parse_args(["--device", "tpu"])
+
+
+@pytest.mark.parametrize(("batch", "pixels", "side", "expected"), [
+    (16, 1_048_576, 256, 16),    # the defaults: 16 x 256x256 is exactly the budget
+    (256, 1_048_576, 256, 16),   # a wide count: the budget binds (was 256 x 256x256, 16.7 M pixels)
+    (256, 1_048_576, 32, 256),   # small images: the count binds
+    (8, 1_048_576, 2048, 1),     # one image over the budget still runs (alone, as a request's would)
+])
+def test_warm_up_runs_the_largest_batch_requests_can_form(batch: int, pixels: int, side: int, expected: int) -> None:
+    settings = Settings(max_batch_size=batch, max_batch_pixels=pixels, warmup_size=side, max_queue_depth=1024)
+    assert warmup_batch_size(settings) == expected
 
 
 def test_inconsistent_settings_are_refused() -> None:

@@ -64,6 +64,8 @@ def test_health_answers_while_the_model_warms_up(tiny_checkpoint: Path) -> None:
         process.send_signal(signal.SIGTERM)
         code, output = finish(process)
     assert code == 0, output
+    # 8 images of 2048x2048 would be 32 M pixels: the default budget of 1 M pixels a pass admits one (it runs alone)
+    assert "warm-up done: batch 1 at 2048x2048" in output, output
 
 
 def test_a_taken_port_is_refused_before_loading(tiny_checkpoint: Path) -> None:
