@@ -381,6 +381,13 @@ class Trainer:
         self.train_set = datasets.build_dataset(source, config.image_size, "train", seed=config.seed,
                                                 crops_per_image=config.crops_per_image, augment=config.augment,
                                                 cache_decoded=True)
+        per_epoch, per_step = len(self.train_set), config.batch_size * self.place.world_size
+        if per_epoch < per_step:  # every epoch would end before its first (full) batch: no step would ever run
+            raise ValueError(
+                f"--data {config.data}: one epoch is {per_epoch} training crops, fewer than one step's "
+                f"{per_step} (--batch-size {config.batch_size} x {self.place.world_size} process(es)); "
+                f"pass --crops-per-image {math.ceil(per_step * config.crops_per_image / per_epoch)} or more"
+            )
         self.heldout_set = datasets.build_dataset(source, config.image_size, "heldout", seed=config.seed,
                                                   length=config.heldout_crops)
         self.data_description = datasets.describe(source, "train")

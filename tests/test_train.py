@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.processes import free_port
 from vqtok.model.checkpoint import load_checkpoint
@@ -173,6 +174,22 @@ def test_train_refuses_bad_flags_with_a_message(tmp_path: Path, capsys: pytest.C
                   "--out", str(tmp_path)]) == 2
     assert "channel_multipliers (1, 2, 4) has 3 levels, which downsample by 4, but downsample is 8" in (
         capsys.readouterr().err)
+
+
+def test_a_folder_too_small_for_one_batch_is_refused_instead_of_spinning(tmp_path: Path) -> None:
+    # 5 photos, 1 held out: 4 crops an epoch < a batch of 8. Every epoch used to end before its first batch, so the
+    # trainer looped for ever without a step; a subprocess with a timeout keeps such a regression from hanging here.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        pixels = torch.randint(0, 256, (48, 48, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    command = [sys.executable, "-m", "vqtok.service.cli", "train", "--data", str(folder), "--heldout", "1",
+               "--batch-size", "8", "--image-size", "32", "--steps", "2", "--out", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert ("one epoch is 4 training crops, fewer than one step's 8 (--batch-size 8 x 1 process(es)); "
+            "pass --crops-per-image 2 or more") in result.stderr
 
 
 def test_environment_variables_set_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
