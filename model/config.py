@@ -5,9 +5,10 @@
   field can change a token or a decoded pixel, so the checkpoint's ``model_id`` hashes all of them
   (plus the weights).
 - ``CodebookTrainingConfig``: what only training reads: the commitment loss weight, the EMA decay and
-  smoothing, dead-code restarts and k-means initialisation. The inference path (``VQVAE.encode`` /
-  ``decode``: nearest-code search and lookup) never reads them, so they cannot change a token or a
-  pixel and stay out of ``model_id``; a served model may leave them at their defaults.
+  smoothing, dead-code restarts, k-means initialisation and the codebook-usage (entropy) regulariser.
+  The inference path (``VQVAE.encode`` / ``decode``: nearest-code search and lookup) never reads them,
+  so they cannot change a token or a pixel and stay out of ``model_id``; a served model may leave them
+  at their defaults.
 
 The defaults are the seed's table (zalandoresearch/pytorch-vq-vae, after Sonnet's ``vqvae.py``),
 plus the downsampling factor, the pixel normalisation and the codebook-health features. Both parts
@@ -337,6 +338,18 @@ class CodebookTrainingConfig(_StrictFields):
       kmeans_vectors_per_code: the trainer gathers encoder outputs from as many batches as it takes to
         have this many vectors per code (10 x K: 81,920 vectors for K = 8,192) before running k-means;
         one batch is far too few for a big codebook.
+      entropy_weight: "ema" / "plain": weight of the codebook-usage (entropy) regulariser added to the training
+        loss, after MAGVIT-2's: soft assignments p_i = softmax(-||z_i - e_k||^2 / (T s)) of every latent over
+        the K codes; loss = weight x (mean_i H(p_i) + entropy_batch_weight x (log K - H(mean_i p_i))):
+        confident assignments, spread over the whole codebook. 0 (default) turns it off: nothing is computed.
+        Its gradient on the latents is large next to the reconstruction's (about 10,000x per unit weight with
+        T = 0.1 and batch weight 4 on a trained f=8 model), so useful weights are small: 1e-4 there.
+      entropy_temperature: T, in units of s, the batch's mean squared distance to the nearest code (so it
+        means the same at any latent scale or code dimension): a code farther than the nearest by s in squared
+        distance gets exp(-1/T) times its probability. 0.1: about two codes per latent on a trained model.
+      entropy_batch_weight: weight of the batch-entropy term relative to the per-sample one. MAGVIT-2 uses 1
+        (with a fixed codebook); with learned codebooks the per-sample term then pins latents to the codes they
+        already use and can lower use, so the default is 4.
     """
 
     commitment_cost: float = 0.25
@@ -347,6 +360,9 @@ class CodebookTrainingConfig(_StrictFields):
     kmeans_init: bool = False
     kmeans_iters: int = 10
     kmeans_vectors_per_code: int = 10
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.1
+    entropy_batch_weight: float = 4.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of range."""
@@ -365,6 +381,11 @@ class CodebookTrainingConfig(_StrictFields):
             raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
         if not 1 <= self.kmeans_vectors_per_code <= 1000:
             raise ValueError(f"kmeans_vectors_per_code must be in [1, 1000], got {self.kmeans_vectors_per_code}")
+        for name in ("entropy_weight", "entropy_batch_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.entropy_temperature <= 0:
+            raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
 
     def check_network(self, network: NetworkConfig) -> None:
         """Raise ``ValueError`` if a setting needs a quantizer kind ``network`` does not have."""
@@ -372,6 +393,11 @@ class CodebookTrainingConfig(_StrictFields):
             raise ValueError("dead_code_threshold needs the 'ema' quantizer (it reads the EMA cluster sizes)")
         if self.kmeans_init and network.quantizer == "fsq":
             raise ValueError("kmeans_init needs a codebook; the 'fsq' quantizer has none (its codes are fixed)")
+        if self.entropy_weight > 0 and network.quantizer == "fsq":
+            raise ValueError(
+                "entropy_weight needs a learned codebook ('ema' or 'plain'); the 'fsq' quantizer has none: its "
+                "fixed grid of codes is used without an auxiliary loss (Mentzer et al. 2023), so set entropy_weight 0"
+            )
 
 
 def _is_int(value: object) -> bool:

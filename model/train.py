@@ -51,6 +51,7 @@ from vqtok.model.checkpoint import (
 )
 from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
 from vqtok.model.evaluate import evaluate_images, reconstruct
+from vqtok.model.losses import gradient_loss
 from vqtok.model.options import add_dataclass_arguments, dataclass_from_args
 from vqtok.model.quantizers import Reducer
 from vqtok.model.vqvae import VQVAE
@@ -87,6 +88,10 @@ class TrainConfig:
       recon_loss: "mse" (the seed's: it is what PSNR measures) or "l1" (less blurry on edges, as the VQGAN
         family's pixel term, at a small cost in PSNR). No perceptual or adversarial term: both need
         pretrained networks we cannot ship.
+      gradient_loss_weight: weight of a gradient-matching term added to the reconstruction loss: the L1
+        distance between the horizontal and vertical pixel differences of the reconstruction and of the
+        target (``model.losses.gradient_loss``), against the lattice a decoder can leave at the token period.
+        0 (default) turns it off: nothing is computed.
     """
 
     data: str = "photos"
@@ -110,6 +115,7 @@ class TrainConfig:
     crops_per_image: int = 1
     augment: bool = False
     recon_loss: Literal["mse", "l1"] = "mse"
+    gradient_loss_weight: float = 0.0
 
     def validate(self, network: NetworkConfig) -> None:
         if self.log_every < 0:
@@ -120,6 +126,8 @@ class TrainConfig:
         datasets.parse_heldout(self.heldout)  # a ValueError naming --heldout
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.gradient_loss_weight < math.inf:
+            raise ValueError(f"--gradient-loss-weight must be >= 0 and finite, got {self.gradient_loss_weight}")
         if self.image_size % network.downsample:
             raise ValueError(
                 f"--image-size {self.image_size} must be a multiple of --downsample {network.downsample}"
@@ -465,14 +473,18 @@ class Trainer:
         reconstruction = output.reconstruction.float()
         recon_mse = F.mse_loss(reconstruction, x)
         recon_loss = recon_mse if self.config.recon_loss == "mse" else F.l1_loss(reconstruction, x)
-        loss = recon_loss + output.vq_loss  # reconstruction + codebook/commitment terms
+        figures: dict[str, Any] = {"recon_mse": recon_mse, "output": output}
+        if self.config.gradient_loss_weight > 0:  # off by default: not computed, the loss is unchanged
+            figures["gradient_loss"] = self.config.gradient_loss_weight * gradient_loss(reconstruction, x)
+            recon_loss = recon_loss + figures["gradient_loss"]
+        loss = recon_loss + output.vq_loss  # reconstruction + codebook/commitment (+ entropy) terms
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.usage_window.append(output.counts.detach())  # (K,) this step's code counts (global under DDP)
-        return {"recon_mse": recon_mse, "output": output}
+        return figures
 
     def run(self) -> dict[str, Any]:
         """Train to ``config.steps``; returns the final held-out metrics (on rank 0; {} elsewhere)."""
@@ -550,7 +562,7 @@ class Trainer:
 
     def _record(self, figures: dict[str, Any], images_per_s: float) -> dict[str, Any]:
         recon_mse, output = figures["recon_mse"].item(), figures["output"]
-        return {
+        record = {
             "step": self.step,
             "recon_mse": recon_mse,
             "nmse": recon_mse / self.normalised_variance,
@@ -564,6 +576,14 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "images_per_s": images_per_s,
         }
+        return record | self._optional_terms(figures)
+
+    @staticmethod
+    def _optional_terms(figures: dict[str, Any]) -> dict[str, float]:
+        """The weighted optional loss terms of a step, those that are on: ``entropy_loss`` (part of ``vq_loss``)
+        and ``gradient_loss`` (part of the reconstruction loss)."""
+        terms = {"entropy_loss": figures["output"].entropy_loss, "gradient_loss": figures.get("gradient_loss")}
+        return {name: value.item() for name, value in terms.items() if value is not None}
 
     def _metrics_so_far(self) -> list[dict[str, Any]]:
         """metrics.jsonl up to the resumed step (lines a killed run wrote after its last checkpoint go)."""

@@ -24,11 +24,12 @@ class VQVAEOutput:
 
     Attributes:
       reconstruction: (B, C, H, W) decoded images, in normalised pixel space.
-      vq_loss: scalar quantizer loss (add the reconstruction loss to train).
+      vq_loss: scalar quantizer loss (add the reconstruction loss to train); includes ``entropy_loss``.
       perplexity: scalar, exp(entropy) of the batch's code distribution.
       codes_used: scalar long, distinct codes in the batch.
       indices: (B, H/f, W/f) long token grid.
       counts: (K,) float, code counts of the batch (global under DDP in training).
+      entropy_loss: scalar, the weighted entropy regulariser (training with ``entropy_weight`` > 0), else None.
     """
 
     reconstruction: torch.Tensor
@@ -37,6 +38,7 @@ class VQVAEOutput:
     codes_used: torch.Tensor
     indices: torch.Tensor
     counts: torch.Tensor
+    entropy_loss: torch.Tensor | None = None
 
 
 class VQVAE(nn.Module):
@@ -132,6 +134,7 @@ class VQVAE(nn.Module):
             codes_used=quantized.codes_used,
             indices=quantized.indices,
             counts=quantized.counts,
+            entropy_loss=quantized.entropy_loss,
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -232,6 +232,8 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
         # added with the VQGAN family and the new quantizers (hashed only when set, so old ids hold)
         "arch", "channel_multipliers", "num_res_blocks", "attention_levels", "mid_attention", "z_channels",
         "norm_groups", "code_dim", "l2_normalize", "fsq_levels", "kmeans_vectors_per_code",
+        # the codebook-usage (entropy) regulariser: training-only
+        "entropy_weight", "entropy_temperature", "entropy_batch_weight",
     }
     assert not network & training
     base = compute_model_id(TINY, "0" * 64)
@@ -265,7 +267,8 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
     # every training-only field edited in a written checkpoint: the same id, and it still loads
     training_changes = {"commitment_cost": 0.5, "decay": 0.9, "epsilon": 1e-3, "dead_code_window": 5,
                         "dead_code_threshold": 0.5, "kmeans_init": True, "kmeans_iters": 3,
-                        "kmeans_vectors_per_code": 20}
+                        "kmeans_vectors_per_code": 20, "entropy_weight": 1e-3, "entropy_temperature": 0.5,
+                        "entropy_batch_weight": 1.0}
     assert set(training_changes) == training
     before = load_checkpoint(trained).model_id
     _edit_fields(trained, training_changes)

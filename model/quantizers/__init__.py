@@ -5,6 +5,7 @@
   restarts and k-means initialisation.
 - ``fsq``: ``FiniteScalarQuantizer`` ("fsq"), per-channel rounding with an implicit grid codebook.
 - ``search``: nearest-code search (float32, chunked, never one-hot), perplexity, k-means.
+- ``entropy``: the codebook-usage (entropy) regulariser of the codebook quantizers' training loss.
 - ``reducer``: how statistics are combined across processes (injected by the trainer under DDP).
 """
 
@@ -42,7 +43,8 @@ def build_quantizer(network: NetworkConfig, training: CodebookTrainingConfig) ->
     """The quantizer ``network.quantizer`` names, shaped as the network says, learning as ``training`` says.
 
     "fsq" reads only ``fsq_levels`` and ``embedding_dim`` (the config refuses codebook-health settings with it);
-    "ema" and "plain" read K, D, ``code_dim``, ``l2_normalize`` and the codebook training config.
+    "ema" and "plain" read K, D, ``code_dim``, ``l2_normalize`` and the codebook training config (the entropy
+    regulariser included).
     """
     if network.quantizer == "fsq":
         return FiniteScalarQuantizer(tuple(network.fsq_levels), network.embedding_dim)
@@ -52,6 +54,9 @@ def build_quantizer(network: NetworkConfig, training: CodebookTrainingConfig) ->
         "dead_code_window": training.dead_code_window,
         "kmeans_init": training.kmeans_init,
         "kmeans_iters": training.kmeans_iters,
+        "entropy_weight": training.entropy_weight,
+        "entropy_temperature": training.entropy_temperature,
+        "entropy_batch_weight": training.entropy_batch_weight,
     }
     if network.quantizer == "ema":
         return VectorQuantizerEMA(

@@ -18,12 +18,15 @@ class QuantizerOutput:
     Attributes:
       quantized: (B, D, H, W) quantized vectors as the decoder receives them; gradients pass straight
         through to the input.
-      loss: scalar, the quantizer's loss term (codebook + commitment, commitment alone for EMA, 0 for FSQ).
+      loss: scalar, the quantizer's loss term (codebook + commitment, commitment alone for EMA, 0 for FSQ; plus
+        the entropy regulariser when it is on).
       perplexity: scalar, exp(entropy) of the code distribution in the batch: K when all codes are
         used equally, 1 when one code takes everything.
       codes_used: scalar long, the number of distinct codes in the batch.
       indices: (B, H, W) long, the code index of every latent position.
       counts: (K,) float, how many latents chose each code (summed over ranks under DDP).
+      entropy_loss: scalar, the weighted entropy regulariser that ``loss`` includes (codebook quantizers in
+        training with ``entropy_weight`` > 0); None when it is off.
     """
 
     quantized: torch.Tensor
@@ -32,6 +35,7 @@ class QuantizerOutput:
     codes_used: torch.Tensor
     indices: torch.Tensor
     counts: torch.Tensor
+    entropy_loss: torch.Tensor | None = None
 
 
 class Quantizer(nn.Module):
@@ -85,8 +89,8 @@ class Quantizer(nn.Module):
 
     @staticmethod
     def _output(quantized: torch.Tensor, loss: torch.Tensor, indices: torch.Tensor,
-                counts: torch.Tensor) -> QuantizerOutput:
-        """Assemble the output: quantized (B, D, H, W), indices (B, H, W), counts (K,)."""
+                counts: torch.Tensor, entropy_loss: torch.Tensor | None = None) -> QuantizerOutput:
+        """Assemble the output: quantized (B, D, H, W), indices (B, H, W), counts (K,), scalars."""
         return QuantizerOutput(
             quantized=quantized.contiguous(),
             loss=loss,
@@ -94,4 +98,5 @@ class Quantizer(nn.Module):
             codes_used=(counts > 0).sum(),
             indices=indices,
             counts=counts,
+            entropy_loss=entropy_loss,
         )

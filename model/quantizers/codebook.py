@@ -17,6 +17,9 @@ Both take two options from ViT-VQGAN (Yu et al. 2022) and LlamaGen:
 
 With both off the quantizer is the seed's: same math, same state-dict keys.
 
+Both can add a codebook-usage (entropy) regulariser to their loss in training (``entropy_weight`` > 0; see
+``quantizers.entropy``): confident soft assignments of each latent, spread over the whole codebook in the batch.
+
 Both search in float32 (chunked, never an N x K one-hot matrix), look vectors up by index, pass gradients
 straight through, report perplexity and codes used, and keep the codebook healthy: a code unused for
 ``dead_code_window`` training steps is re-seeded from the current batch's (projected) latents, and the
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.model.quantizers.base import Quantizer, QuantizerOutput
+from vqtok.model.quantizers.entropy import entropy_terms, nearest_sq_distance_mean
 from vqtok.model.quantizers.search import kmeans, nearest_code
 
 
@@ -47,6 +51,9 @@ class CodebookQuantizer(Quantizer):
       dead_code_window: re-seed a code unused for this many training steps (0: never).
       kmeans_init: start the codebook from k-means (``initialise_codebook``, or the first training batch).
       kmeans_iters: Lloyd iterations of that k-means.
+      entropy_weight: weight of the entropy regulariser added to the loss in training (0: off, not computed).
+      entropy_temperature: T of its soft assignments, relative to the batch's quantisation error.
+      entropy_batch_weight: weight of its batch term relative to the per-sample term.
     """
 
     def __init__(
@@ -59,6 +66,9 @@ class CodebookQuantizer(Quantizer):
         dead_code_window: int = 0,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.1,
+        entropy_batch_weight: float = 4.0,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim)
         self.commitment_cost = commitment_cost
@@ -68,6 +78,9 @@ class CodebookQuantizer(Quantizer):
         self.dead_code_window = dead_code_window
         self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
+        self.entropy_weight = entropy_weight
+        self.entropy_temperature = entropy_temperature
+        self.entropy_batch_weight = entropy_batch_weight
         # Factorised codes: per-position linear maps (a 1x1 conv) around the search; absent (no state-dict keys)
         # when code_dim is 0, so the seed's checkpoints load unchanged.
         self.project_in: nn.Linear | None = nn.Linear(embedding_dim, code_dim) if code_dim else None
@@ -185,8 +198,12 @@ class CodebookQuantizer(Quantizer):
             indices = nearest_code(detached, self.codebook, cosine=self.l2_normalize)  # (N,)
             counts = self._statistics(indices)
         # Vectors are looked up before this step's codebook update, as in Sonnet.
-        codes = F.embedding(indices, self.codebook).view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        nearest = F.embedding(indices, self.codebook)  # (N, C)
+        codes = nearest.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
         loss = self._losses(latents, codes)
+        entropy_loss = self._entropy_loss(flat, nearest) if self.training and self.entropy_weight > 0 else None
+        if entropy_loss is not None:
+            loss = loss + entropy_loss
         if self.training:
             with torch.no_grad():
                 self._update_codebook(detached, indices, counts)
@@ -196,7 +213,16 @@ class CodebookQuantizer(Quantizer):
             codes = latents + (codes - latents).detach()
         if self.project_out is not None:
             codes = self._from_search_space(codes.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, D, H, W)
-        return self._output(codes, loss, indices.view(b, h, w), counts)
+        return self._output(codes, loss, indices.view(b, h, w), counts, entropy_loss)
+
+    def _entropy_loss(self, flat: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """The weighted entropy regulariser of (N, C) search-space latents whose nearest codes are ``nearest``
+        (N, C); a scalar with gradients to the latents (and to a gradient-trained codebook)."""
+        scale = nearest_sq_distance_mean(flat, nearest)  # the batch's quantisation error: the temperature's unit
+        # A copy of the codes: this step's EMA update and restarts overwrite the codebook in place before the
+        # backward pass, which needs the values the forward pass used (the copy keeps the plain codebook's graph).
+        terms = entropy_terms(flat, self.codebook.clone(), self.entropy_temperature, scale)
+        return self.entropy_weight * terms.loss(self.num_embeddings, self.entropy_batch_weight)
 
     # --- codebook health ---------------------------------------------------------------------------
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
