@@ -10,6 +10,7 @@
 #   bash scripts/train_bundled_f8.sh seed-recipe  # the seed architecture and the seed's recipe (EMA, no restarts)
 #   bash scripts/train_bundled_f8.sh seed-entropy   # `seed` plus the codebook-usage (entropy) regulariser
 #   bash scripts/train_bundled_f8.sh seed-gradient  # `seed` plus the gradient-matching reconstruction term
+#   bash scripts/train_bundled_f8.sh seed-gradient-0.3  # ... at weight 0.3 instead of 0.1
 #   bash scripts/train_bundled_f8.sh seed-entropy-gradient  # `seed` plus both
 # All with the same steps, batch and data.
 # The new terms' weights, from the gradients they give on one batch of the trained `seed` model (runs/seed-f8):
@@ -39,9 +40,10 @@ case "${1:-vqgan}" in
   seed-fsq) OUT=runs/seed-fsq-f8; ARGS=(--quantizer fsq --fsq-levels 8 8 8 4 4 --name vqtok-seed-fsq-f8) ;;
   seed-entropy) OUT=runs/seed-entropy-f8; ARGS=("${ENTROPY[@]}" --name vqtok-seed-f8-k8192-entropy) ;;
   seed-gradient) OUT=runs/seed-gradient-f8; ARGS=("${GRADIENT[@]}" --name vqtok-seed-f8-k8192-gradient) ;;
+  seed-gradient-0.3) OUT=runs/seed-gradient03-f8; ARGS=(--gradient-loss-weight 0.3 --name vqtok-seed-f8-k8192-gradient03) ;;
   seed-entropy-gradient) OUT=runs/seed-entropy-gradient-f8
                          ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --name vqtok-seed-f8-k8192-entropy-gradient) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-entropy-gradient" >&2
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient" >&2
      exit 2 ;;
 esac
 RESUME=()
