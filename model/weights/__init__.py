@@ -2,6 +2,8 @@
 
 - ``default``: the seed's architecture, f=4, 512 codes (a 256x256 image is 4,096 tokens of 9 bits).
 - ``f8``: the seed's architecture, f=8, 8,192 codes (a 256x256 image is 1,024 tokens of 13 bits).
+- ``f4-photos-v1``: ``default``'s network and recipe trained on the 19 photographs of ``data/photos-v1``
+  (held-out: 29.82 dB against 29.38, and no lattice at the code period).
 
 A folder added here (a trained checkpoint directory) is bundled under its folder name.
 
