@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_paths import load_photos
 from reliability import REPO, Server, Servers, own_cpu_seconds, percentiles_ms, png_bytes, proc_cpu_seconds
 from service_load import _mean_between
 
@@ -199,23 +200,6 @@ def _passes(before: str, after: str) -> int:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def source_photos() -> tuple[str, list[np.ndarray]]:
-    """(where from, RGB photos): data/photos-v1/heldout, else the bundled held-out photos, else synthetic."""
-    folder = REPO / "data" / "photos-v1" / "heldout"
-    paths = sorted(folder.glob("*.png")) if folder.is_dir() else []
-    if paths:
-        return f"{folder.relative_to(REPO)}", [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    try:
-        from vqtok.model.data.photos import load_photos
-
-        return "the bundled held-out photos", [pixels for _, pixels in load_photos("heldout")]
-    except ImportError:
-        rng = np.random.default_rng(0)
-        y, x = np.mgrid[0:1024, 0:1024]
-        base = np.stack([x // 4, y // 4, (x + y) // 8], axis=-1)
-        return "synthetic gradients", [(base + rng.integers(0, 32, base.shape)).astype(np.uint8) for _ in range(3)]
-
-
 def square_png(pixels: np.ndarray, side: int) -> bytes:
     """The centre square of ``pixels``, resized (bicubic) so that it is ``side`` x ``side``, as a PNG."""
     height, width = pixels.shape[:2]
@@ -318,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint = DEFAULT_CHECKPOINT
     args.device = "cpu"
 
-    where, photos = source_photos()
+    where, photos = load_photos(REPO / "data" / "photos-v1" / "heldout")
     small = [square_png(p, SMALL_SIDE) for p in photos]
     big_enough = [p for p in photos if min(p.shape[:2]) >= args.large_side] or photos
     large = [square_png(p, args.large_side) for p in big_enough]
