@@ -33,8 +33,11 @@ from vqtok.model.vqvae import VQVAE
 
 TINY = NetworkConfig(num_hiddens=16, num_residual_hiddens=8, embedding_dim=8, num_embeddings=32, downsample=8)
 NETWORK_FIELDS = {f.name for f in dataclasses.fields(NetworkConfig)}
-# The bundled checkpoint's identity, unchanged since its config.json was written in the version-1 layout.
-BUNDLED_MODEL_ID = "aafe8667c7495436a368ee62696220b30e700f62074df0aab930780084bdced5"
+# The bundled default's identity, and the previous default's (model/weights/default-v1, the checkpoint whose
+# record tests/fixtures/bundled-config-v1.json holds in the version-1 layout).
+BUNDLED_MODEL_ID = "5874ffb39ce1111b8c2afb31bfddd5733d443b01531f789f6e5aeafbe2f5cd57"
+PREVIOUS_DEFAULT = DEFAULT_CHECKPOINT.parent / "default-v1"
+PREVIOUS_DEFAULT_MODEL_ID = "aafe8667c7495436a368ee62696220b30e700f62074df0aab930780084bdced5"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
@@ -331,24 +334,25 @@ def test_a_record_round_trips_through_json(saved: tuple[Path, VQVAE]) -> None:
     assert set(_record(path)) == set(CheckpointRecord.KEYS)  # nothing merged into the top level
 
 
-@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), reason="no bundled checkpoint")
+@pytest.mark.skipif(not (PREVIOUS_DEFAULT / "model.safetensors").is_file(), reason="no bundled default-v1")
 def test_a_version_1_record_loads_with_the_same_identity_and_fields(tmp_path: Path) -> None:
-    """tests/fixtures/bundled-config-v1.json is the bundled config.json as written in the version-1 layout
-    (flat: one config object, the trainer's metadata in the top level, usage as a bare list)."""
+    """tests/fixtures/bundled-config-v1.json is default-v1's config.json (the default until 2026-12) as written
+    in the version-1 layout (flat: one config object, the trainer's metadata in the top level, usage as a bare
+    list)."""
     old = tmp_path / "v1"
     old.mkdir()
-    shutil.copy(DEFAULT_CHECKPOINT / "model.safetensors", old / "model.safetensors")
+    shutil.copy(PREVIOUS_DEFAULT / "model.safetensors", old / "model.safetensors")
     shutil.copy(FIXTURES / "bundled-config-v1.json", old / "config.json")
     verify_checkpoint(old)
-    loaded, bundled = load_checkpoint(old), load_checkpoint(DEFAULT_CHECKPOINT)
-    assert loaded.record.format_version == 1 and loaded.model_id == BUNDLED_MODEL_ID
+    loaded, bundled = load_checkpoint(old), load_checkpoint(PREVIOUS_DEFAULT)
+    assert loaded.record.format_version == 1 and loaded.model_id == PREVIOUS_DEFAULT_MODEL_ID
     assert dataclasses.replace(loaded.record, format_version=2) == bundled.record  # the same record, read from v1
     assert loaded.name == "vqtok-default-f4" and loaded.record.provenance.steps == 8000
     assert loaded.record.codebook_usage is not None and loaded.record.codebook_usage.codes_used == 502
     # saving it again writes version 2, with the same model_id
     again = save_checkpoint(tmp_path / "again", loaded.model, loaded.record.provenance, loaded.record.metrics,
                             loaded.record.codebook_usage)
-    assert _record(again)["format_version"] == 2 and load_checkpoint(again).model_id == BUNDLED_MODEL_ID
+    assert _record(again)["format_version"] == 2 and load_checkpoint(again).model_id == PREVIOUS_DEFAULT_MODEL_ID
 
 
 def test_version_1_keeps_its_errors_and_drops_unknown_metadata(saved: tuple[Path, VQVAE]) -> None:
@@ -534,6 +538,9 @@ def test_bundled_checkpoints_load_by_name_and_an_existing_directory_wins(tmp_pat
     assert bundled_checkpoints()["default"] == DEFAULT_CHECKPOINT
     assert resolve_checkpoint("default") == DEFAULT_CHECKPOINT
     assert load_checkpoint("default").model_id == BUNDLED_MODEL_ID
+    # the previous default stays bundled (its token sets decode with it); a former name still resolves
+    assert load_checkpoint("default-v1").model_id == PREVIOUS_DEFAULT_MODEL_ID
+    assert resolve_checkpoint("f4-photos-v1") == DEFAULT_CHECKPOINT
     monkeypatch.chdir(tmp_path)
     (tmp_path / "default").mkdir()
     assert resolve_checkpoint("default") == Path("default")  # a folder of that name in the way is used as given

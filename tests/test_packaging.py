@@ -70,7 +70,7 @@ def test_installed_wheel_is_not_shadowed_and_bare_names_are_gone(installed: Path
         "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules, 'import vqtok is not light'\n"
         "from vqtok.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint\n"
         f"assert str(DEFAULT_CHECKPOINT).startswith({str(installed)!r}), DEFAULT_CHECKPOINT\n"
-        "assert load_checkpoint(DEFAULT_CHECKPOINT).name == 'vqtok-default-f4'\n"
+        "assert load_checkpoint(DEFAULT_CHECKPOINT).name == 'vqtok-default-f4-photos-v1'\n"
         "assert importlib.util.find_spec('service') is None\n"
         "assert vqtok.Client.__module__ == 'vqtok.service.client'\n"
         "import numpy as np\n"
@@ -100,7 +100,7 @@ def test_installed_wheel_serves_the_bundled_model(installed: Path, tmp_path: Pat
                               headers={"content-type": "image/png"}, timeout=30)
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["model"]["name"] == "vqtok-default-f4" and body["images"][0]["grid"] == [16, 16]
+        assert body["model"]["name"] == "vqtok-default-f4-photos-v1" and body["images"][0]["grid"] == [16, 16]
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -1,9 +1,11 @@
 """The bundled checkpoints, by name: each folder here holding a ``config.json`` is one.
 
-- ``default``: the seed's architecture, f=4, 512 codes (a 256x256 image is 4,096 tokens of 9 bits).
+- ``default``: the seed's architecture, f=4, 512 codes (a 256x256 image is 4,096 tokens of 9 bits), trained on
+  the 19 photographs of ``data/photos-v1`` (``vqtok-default-f4-photos-v1``; bundled as ``f4-photos-v1`` before
+  it became the default, a name that still works).
+- ``default-v1``: the previous default, the same network trained on the 9 ``photos`` images
+  (``vqtok-default-f4``): token sets made with it decode only with it (their ``model_id`` differs).
 - ``f8``: the seed's architecture, f=8, 8,192 codes (a 256x256 image is 1,024 tokens of 13 bits).
-- ``f4-photos-v1``: ``default``'s network and recipe trained on the 19 photographs of ``data/photos-v1``
-  (held-out: 29.82 dB against 29.38, and no lattice at the code period).
 
 A folder added here (a trained checkpoint directory) is bundled under its folder name.
 
@@ -17,6 +19,8 @@ import os
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
+# Former names of bundled checkpoints -> their folder now.
+RENAMED = {"f4-photos-v1": "default"}
 
 
 def bundled_checkpoints() -> dict[str, Path]:
@@ -28,9 +32,11 @@ def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path:
     """A checkpoint directory, or the name of a bundled checkpoint -> its directory.
 
     A path that exists is used as it is; otherwise a bundled name (``default``) gives the
-    bundled folder; anything else is returned unchanged, for the loader to report as missing.
+    bundled folder, and so does a former bundled name (``RENAMED``); anything else is returned unchanged,
+    for the loader to report as missing.
     """
     path = Path(spec)
     if path.exists():
         return path
-    return bundled_checkpoints().get(str(spec), path)
+    bundled = bundled_checkpoints()
+    return bundled.get(str(spec)) or bundled.get(RENAMED.get(str(spec), ""), path)
