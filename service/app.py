@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import torch
@@ -22,7 +23,7 @@ from PIL import Image
 
 from vqtok.model.layouts import LayoutError
 from vqtok.service import __version__
-from vqtok.service.batching import MicroBatcher
+from vqtok.service.batching import MicroBatcher, inference_executor
 from vqtok.service.engine import Engine
 from vqtok.service.handlers import install_error_handlers
 from vqtok.service.layouts import build_registry, one_line
@@ -81,25 +82,36 @@ def create_app(
     # Pillow's own bomb guard follows the service limit (our check from the header comes first anyway).
     Image.MAX_IMAGE_PIXELS = max(settings.max_pixels, Image.MAX_IMAGE_PIXELS or 0)
 
+    async def load_engine(executor: ThreadPoolExecutor) -> tuple[Engine, MicroBatcher]:
+        """The engine, loaded on ``executor``'s inference thread, and the batcher that runs every batch there
+        (see service.batching); the layouts registry is built on the way."""
+        engine = await asyncio.get_running_loop().run_in_executor(executor, loader, settings)
+        try:
+            serving = engine.checkpoint.record.serving
+            state.layouts = build_registry(settings, engine.config.num_embeddings,
+                                           serving.layout if serving is not None else None)
+        except LayoutError as exc:
+            raise RuntimeError(one_line(str(exc))) from None
+        return engine, MicroBatcher(
+            {"encode": engine.encode_batch, "decode": engine.decode_batch},
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue_depth=settings.max_queue_depth,
+            observe_batch=metrics.observe_batch,
+            deadline_seconds=settings.request_timeout_s,
+            item_cost=pixel_costs(engine.config.downsample),
+            max_batch_cost=settings.max_batch_pixels,
+            executor=executor,
+        )
+
     async def load_and_warm_up() -> None:
         try:
-            engine = await asyncio.to_thread(loader, settings)
+            executor = inference_executor()
             try:
-                serving = engine.checkpoint.record.serving
-                state.layouts = build_registry(settings, engine.config.num_embeddings,
-                                               serving.layout if serving is not None else None)
-            except LayoutError as exc:
-                raise RuntimeError(one_line(str(exc))) from None
-            batcher = MicroBatcher(
-                {"encode": engine.encode_batch, "decode": engine.decode_batch},
-                max_batch_size=settings.max_batch_size,
-                max_wait_ms=settings.max_wait_ms,
-                max_queue_depth=settings.max_queue_depth,
-                observe_batch=metrics.observe_batch,
-                deadline_seconds=settings.request_timeout_s,
-                item_cost=pixel_costs(engine.config.downsample),
-                max_batch_cost=settings.max_batch_pixels,
-            )
+                engine, batcher = await load_engine(executor)
+            except BaseException:  # the batcher never took the thread over: release it here
+                executor.shutdown(wait=False)
+                raise
             state.engine, state.batcher = engine, batcher
             if settings.warmup:
                 warmup_batch = warmup_batch_size(settings)

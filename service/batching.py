@@ -17,6 +17,13 @@ that alone exceeds the budget runs alone.
 The queue is bounded: a submission that would take it past ``max_queue_depth`` items is refused
 at once with ``QueueFull`` (429), never parked.
 
+Every tensor operation of a batch (stacking the items, the model, the outputs) runs on the one inference
+thread, the thread the engine was loaded on (``executor``): PyTorch's CPU build keeps one OpenMP thread team
+per thread that starts parallel work, and as soon as the teams together hold more threads than there are
+cores, libgomp stops letting its idle workers spin between parallel regions, so every convolution waits for
+its workers to wake. Measured on 2 cores: a batch of 16 32x32 images took 9.1 ms on the inference thread once
+another thread had run parallel work, 5.4 ms otherwise (``bench/inference_thread.py``).
+
 The dispatcher never dies of a batch: any exception while stacking, running or answering one batch
 goes to that batch's requests and dispatching goes on. Should the dispatcher task end anyway,
 ``alive`` turns False (readiness reports 503) and every waiting request gets ``NotReady`` (503).
@@ -41,6 +48,17 @@ from vqtok.service.errors import DeadlineExceeded, InferenceFailed, NotReady, Qu
 logger = logging.getLogger("vqtok.service.batching")
 
 BatchFunction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def inference_executor() -> ThreadPoolExecutor:
+    """The one thread that runs every tensor operation of the model: load the engine on it, then hand it to
+    ``MicroBatcher(executor=...)`` (which shuts it down on ``stop``)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqtok-inference")
+
+
+def _stack_and_run(function: BatchFunction, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``function`` over the items stacked into one (B, ...) tensor, both on the calling (inference) thread."""
+    return function(torch.stack(tensors))
 BatchObserver = Callable[[str, int, float], None]  # (operation, batch size, inference seconds)
 
 
@@ -77,6 +95,7 @@ class MicroBatcher:
         deadline_seconds: float | None = None,
         item_cost: dict[str, Callable[[torch.Tensor], int]] | None = None,
         max_batch_cost: int | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.operations = operations
         self.max_batch_size = max_batch_size
@@ -90,7 +109,8 @@ class MicroBatcher:
         self._groups: OrderedDict[tuple[str, tuple[int, ...]], deque[_Item]] = OrderedDict()
         self._depth = 0
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqtok-inference")
+        # The inference thread: given (the one the engine was loaded on, see ``inference_executor``) or our own.
+        self._executor = executor or inference_executor()
         self._task: asyncio.Task[None] | None = None
         self._running: list[_Item] = []
 
@@ -282,8 +302,8 @@ class MicroBatcher:
         for item in items:
             item.started = started
             item.batch_size = len(items)
-        batch = torch.stack([item.tensor for item in items])
-        outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.operations[operation], batch)
+        outputs = await asyncio.get_running_loop().run_in_executor(
+            self._executor, _stack_and_run, self.operations[operation], [item.tensor for item in items])
         finished = time.perf_counter()
         if self.observe_batch is not None:
             self.observe_batch(operation, len(items), finished - started)

@@ -127,7 +127,8 @@ class ErrorResponse(BaseModel):
 class ModelIdentity(BaseModel):
     """Which tokenizer produced or reads the tokens: compare ``model_id`` before mixing token sets."""
 
-    name: str = Field(description="the checkpoint's name (its provenance name)", examples=["vqtok-default-f4-photos-v1"])
+    name: str = Field(description="the checkpoint's name (its provenance name)",
+                      examples=["vqtok-default-f4-photos-v1"])
     weights_sha256: str = Field(description="sha256 of the weights file alone")
     model_id: str = Field(
         description="sha256 over the weights and every config field that changes tokens (architecture, "

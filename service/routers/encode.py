@@ -170,7 +170,9 @@ async def encode(
     if want_npy:
         _check_one_grid(fitted)
 
-    tensors = [torch.from_numpy(image.pixels).permute(2, 0, 1).contiguous() for image in fitted]
+    # (3, H, W) views of the (H, W, 3) pixels, no copy: copies of that size would run on this thread's own
+    # OpenMP team, and the batcher's stacking on the inference thread makes the one copy needed.
+    tensors = [torch.from_numpy(image.pixels).permute(2, 0, 1) for image in fitted]
     result = await ready.batcher.submit("encode", tensors)
     grids = [output.numpy() for output in result.outputs]  # each (h, w) int64
     ready.metrics.observe_work("encode", len(grids), sum(grid.size for grid in grids), result.queue_seconds)
