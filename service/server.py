@@ -55,8 +55,10 @@ class DrainingServer(uvicorn.Server):
                 self._captured_signals.clear()
 
 
-def build_server(settings: Settings) -> DrainingServer:
-    app = create_app(settings, on_fatal=lambda message: server.fail(message))  # `server` is bound below
+def build_server(settings: Settings, *, freeze_gc: bool = False) -> DrainingServer:
+    """uvicorn serving the app; ``freeze_gc`` for a process of its own (see ``create_app``)."""
+    app = create_app(settings, on_fatal=lambda message: server.fail(message),  # `server` is bound below
+                     freeze_gc=freeze_gc)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1,
         # the app drains first (drain_timeout_s); uvicorn's own wait only covers writing the answers
@@ -89,7 +91,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 def serve(settings: Settings) -> int:
     """Serve in the foreground until SIGINT/SIGTERM; the process exit status."""
     limit_malloc_arenas()
-    server = build_server(settings)
+    server = build_server(settings, freeze_gc=True)
     server.run()
     return server.exit_code
 

@@ -106,3 +106,17 @@ def test_serve_checks_the_checkpoint_on_a_thread_that_ends_before_serving(tiny_c
     assert entry.main(["--checkpoint", str(tiny_checkpoint), "--device", "cpu"]) == 0
     assert checked_on and checked_on[0].startswith("vqtok-preflight")
     assert not any(name.startswith("vqtok-preflight") for name in seen_at_serve[0])  # gone before serving
+
+
+@asyncio_test
+async def test_the_server_process_freezes_what_startup_left_and_tests_do_not(tiny_checkpoint: Path) -> None:
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    for freeze in (False, True):
+        app = create_app(service_settings(tiny_checkpoint), freeze_gc=freeze)
+        async with app.router.lifespan_context(app):
+            await wait_until_loaded(app)
+            frozen = gc.get_freeze_count()
+        gc.unfreeze()  # this test's process is not a server's: give the objects back to the collector
+        assert (frozen > 10_000) if freeze else frozen == 0  # the modules, the model, the schemas
