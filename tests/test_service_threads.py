@@ -120,3 +120,25 @@ async def test_the_server_process_freezes_what_startup_left_and_tests_do_not(tin
             frozen = gc.get_freeze_count()
         gc.unfreeze()  # this test's process is not a server's: give the objects back to the collector
         assert (frozen > 10_000) if freeze else frozen == 0  # the modules, the model, the schemas
+
+
+def test_no_route_depends_on_a_plain_function(tiny_checkpoint: Path) -> None:
+    """FastAPI runs a plain ``def`` dependency on a threadpool thread: every dependency is ``async def`` so a
+    request makes no hop it does not need (see service.dependencies)."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    def calls(dependant) -> list:  # type: ignore[no-untyped-def]
+        return [c for d in dependant.dependencies for c in (d.call, *calls(d))]
+
+    def api_routes(routes) -> list[APIRoute]:  # type: ignore[no-untyped-def]
+        # included routers may be kept as a wrapper of the router they include (FastAPI >= 0.16x)
+        return [found for r in routes for found in ([r] if isinstance(r, APIRoute) else
+                                                    api_routes(getattr(getattr(r, "original_router", None),
+                                                                       "routes", [])))]
+
+    routes = api_routes(create_app(service_settings(tiny_checkpoint)).routes)
+    found = {f"{r.path}: {c.__name__}": inspect.iscoroutinefunction(c) for r in routes for c in calls(r.dependant)}
+    assert {"/encode: require_ready", "/encode: accepts_npy", "/decode: require_json"} <= set(found)
+    assert [name for name, is_async in found.items() if not is_async] == []
