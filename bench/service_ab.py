@@ -16,6 +16,7 @@ Cases (the issue's targets):
     apt-get install wrk
     python bench/service_ab.py                            # HEAD against the working tree, 3 rounds
     python bench/service_ab.py --baseline main~3 --cases many --rounds 5
+    python bench/service_ab.py --baseline-without uvloop httptools   # what an optional package brings
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def extract(ref: str, into: Path) -> Path:
     return into
 
 
+def hide_modules(root: Path, names: list[str]) -> None:
+    """Make ``names`` unimportable for a process whose import path starts at ``root`` (packages that are
+    installed but should be absent in the baseline, e.g. uvicorn's optional uvloop and httptools)."""
+    for name in names:
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden for this baseline')\n")
+
+
 def run_server(import_root: Path | None, checkpoint: Path, case: Case, seconds: int, workdir: Path
                ) -> dict[str, float]:
     """One server (from ``import_root``, else the working tree) under wrk: rate, p50, p99, server CPU/s."""
@@ -94,6 +103,8 @@ def main() -> None:
     parser.add_argument("--baseline", default="HEAD", help="git ref served as the baseline (default HEAD)")
     parser.add_argument("--checkpoint", type=Path, default=REPO / "model" / "weights" / "default")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["small", "many", "large"])
+    parser.add_argument("--baseline-without", nargs="+", default=[], metavar="MODULE",
+                        help="installed modules the baseline server must not find (it sees them as absent)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
@@ -101,7 +112,9 @@ def main() -> None:
         sys.exit("needs wrk (apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="vqtok-ab-"))
     baseline = extract(args.baseline, workdir / "baseline")
-    versions = {f"baseline ({args.baseline})": baseline, "working tree": None}
+    hide_modules(baseline, args.baseline_without)
+    hidden = f" without {' '.join(args.baseline_without)}" if args.baseline_without else ""
+    versions = {f"baseline ({args.baseline}){hidden}": baseline, "working tree": None}
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for round_index in range(args.rounds):
         for name in args.cases:
@@ -117,7 +130,7 @@ def main() -> None:
                 figures = run_server(versions[version], args.checkpoint, case, args.seconds, workdir)
                 figures["in_process"] = in_process(args.checkpoint, case.size, 64 if case.size > 64 else 200)[1]
                 results.setdefault((name, version), []).append(figures)
-                print(f"round {round_index + 1} {name:<5} {version:<22} {figures['images']:8.0f} images/s "
+                print(f"round {round_index + 1} {name:<5} {version:<24} {figures['images']:8.0f} images/s "
                       f"({figures['images'] / figures['in_process']:.1%} of in-process {figures['in_process']:.0f}) "
                       f"p50 {figures['p50']:.1f} ms p99 {figures['p99']:.1f} ms, server CPU {figures['cpu']:.2f}",
                       flush=True)
