@@ -48,6 +48,7 @@ from vqtok.service.errors import DeadlineExceeded, InferenceFailed, NotReady, Qu
 logger = logging.getLogger("vqtok.service.batching")
 
 BatchFunction = Callable[[torch.Tensor], torch.Tensor]
+BatchObserver = Callable[[str, int, float], None]  # (operation, batch size, inference seconds)
 
 
 def inference_executor() -> ThreadPoolExecutor:
@@ -59,7 +60,6 @@ def inference_executor() -> ThreadPoolExecutor:
 def _stack_and_run(function: BatchFunction, tensors: list[torch.Tensor]) -> torch.Tensor:
     """``function`` over the items stacked into one (B, ...) tensor, both on the calling (inference) thread."""
     return function(torch.stack(tensors))
-BatchObserver = Callable[[str, int, float], None]  # (operation, batch size, inference seconds)
 
 
 @dataclass(eq=False)  # items are compared by identity (a queue removes exactly this one)
