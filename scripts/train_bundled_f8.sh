@@ -13,6 +13,7 @@
 #   bash scripts/train_bundled_f8.sh seed-gradient-0.3  # ... at weight 0.3 instead of 0.1
 #   bash scripts/train_bundled_f8.sh seed-entropy-gradient  # `seed` plus both
 #   bash scripts/train_bundled_f8.sh seed-entropy-3e-4  # `seed-entropy` with the entropy term at weight 3e-4
+#   bash scripts/train_bundled_f8.sh seed-entropy-sampled  # `seed-entropy` on 512 of each batch's 2,048 vectors
 # All with the same steps, batch and data.
 # The new terms' weights, from the gradients they give on one batch of the trained `seed` model (runs/seed-f8):
 # the entropy term (T = 0.1, batch weight 4) pulls on the latents about 10,000x as hard as the reconstruction
@@ -47,7 +48,9 @@ case "${1:-vqgan}" in
   seed-entropy-3e-4) OUT=runs/seed-entropy3e-4-f8
                      ARGS=(--entropy-weight 3e-4 --entropy-temperature 0.1 --entropy-batch-weight 4
                            --name vqtok-seed-f8-k8192-entropy3e-4) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4" >&2
+  seed-entropy-sampled) OUT=runs/seed-entropy-sampled-f8
+                        ARGS=("${ENTROPY[@]}" --entropy-sample 512 --name vqtok-seed-f8-k8192-entropy-sampled) ;;
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled" >&2
      exit 2 ;;
 esac
 RESUME=()

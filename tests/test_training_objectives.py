@@ -126,6 +126,29 @@ def test_the_quantizer_adds_the_weighted_term_with_gradients_to_the_latents(kind
         assert projection_gradient.abs().sum() > 0
 
 
+def test_a_sampled_term_is_the_term_of_the_rows_drawn() -> None:
+    """``entropy_sample``: the term over a random subset of the batch's vectors (the global generator's draw)."""
+    torch.manual_seed(3)
+    quantizer = VectorQuantizerEMA(16, 6, 0.25, dead_code_window=0, entropy_sample=10, **ENTROPY).train()
+    flat = torch.randn(40, 6)
+    before = quantizer.codebook.detach().clone()
+    torch.manual_seed(11)
+    out = quantizer(_as_latents(flat))
+    torch.manual_seed(11)
+    rows = torch.randperm(40)[:10]  # the forward pass draws nothing else before the term
+    search = flat[rows]
+    nearest = before[nearest_code(search, before)]
+    scale = float((search - nearest).pow(2).sum(dim=1).mean())
+    per_sample, batch = _direct_entropies(search, before, 0.2, scale)
+    expected = 1e-3 * (per_sample + 2.0 * (math.log(16) - batch))
+    assert out.entropy_loss is not None and out.entropy_loss.item() == pytest.approx(float(expected), rel=1e-4)
+    every = VectorQuantizerEMA(16, 6, 0.25, dead_code_window=0, **ENTROPY).train()
+    every.load_state_dict(quantizer.state_dict())
+    whole = VectorQuantizerEMA(16, 6, 0.25, dead_code_window=0, entropy_sample=40, **ENTROPY).train()
+    whole.load_state_dict(quantizer.state_dict())  # a sample as large as the batch is the whole batch
+    assert whole(_as_latents(flat)).entropy_loss.item() == pytest.approx(every(_as_latents(flat)).entropy_loss.item())
+
+
 def test_the_term_is_computed_only_in_training() -> None:
     torch.manual_seed(4)
     model = VQVAE(NetworkConfig(**TINY), CodebookTrainingConfig(**ENTROPY))
@@ -175,6 +198,7 @@ def test_the_gradient_term_equals_a_hand_computation_and_is_zero_for_identical_i
     ({"entropy_weight": -1.0}, "entropy_weight must be >= 0, got -1.0"),
     ({"entropy_batch_weight": -0.5}, "entropy_batch_weight must be >= 0, got -0.5"),
     ({"entropy_temperature": 0.0}, "entropy_temperature must be > 0, got 0.0"),
+    ({"entropy_sample": -1}, "entropy_sample must be >= 0 \\(0: every vector\\), got -1"),
     ({"entropy_weight": "0.1"}, "entropy_weight must be a number"),
 ])
 def test_bad_entropy_settings_are_refused_with_their_name(fields: dict, message: str) -> None:
@@ -205,12 +229,13 @@ def test_the_settings_round_trip_through_a_checkpoint_and_stay_out_of_the_model_
 
 def test_flags_and_environment_variables_reach_the_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("VQTOK_MODEL_ENTROPY_WEIGHT", "VQTOK_MODEL_ENTROPY_TEMPERATURE", "VQTOK_MODEL_ENTROPY_BATCH_WEIGHT",
-                 "VQTOK_TRAIN_GRADIENT_LOSS_WEIGHT"):
+                 "VQTOK_MODEL_ENTROPY_SAMPLE", "VQTOK_TRAIN_GRADIENT_LOSS_WEIGHT"):
         monkeypatch.delenv(name, raising=False)
     args = build_parser().parse_args(["--entropy-weight", "0.002", "--entropy-temperature", "0.3",
-                                      "--entropy-batch-weight", "3", "--gradient-loss-weight", "0.1"])
+                                      "--entropy-batch-weight", "3", "--entropy-sample", "512",
+                                      "--gradient-loss-weight", "0.1"])
     assert dataclass_from_args(CodebookTrainingConfig, args) == CodebookTrainingConfig(
-        entropy_weight=0.002, entropy_temperature=0.3, entropy_batch_weight=3.0)
+        entropy_weight=0.002, entropy_temperature=0.3, entropy_batch_weight=3.0, entropy_sample=512)
     assert dataclass_from_args(TrainConfig, args).gradient_loss_weight == 0.1
     monkeypatch.setenv("VQTOK_MODEL_ENTROPY_WEIGHT", "0.004")
     monkeypatch.setenv("VQTOK_TRAIN_GRADIENT_LOSS_WEIGHT", "0.5")

@@ -57,6 +57,7 @@ def build_quantizer(network: NetworkConfig, training: CodebookTrainingConfig) ->
         "entropy_weight": training.entropy_weight,
         "entropy_temperature": training.entropy_temperature,
         "entropy_batch_weight": training.entropy_batch_weight,
+        "entropy_sample": training.entropy_sample,
     }
     if network.quantizer == "ema":
         return VectorQuantizerEMA(

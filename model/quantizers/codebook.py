@@ -54,6 +54,7 @@ class CodebookQuantizer(Quantizer):
       entropy_weight: weight of the entropy regulariser added to the loss in training (0: off, not computed).
       entropy_temperature: T of its soft assignments, relative to the batch's quantisation error.
       entropy_batch_weight: weight of its batch term relative to the per-sample term.
+      entropy_sample: compute it on a random subset of at most this many latent vectors per step (0: all).
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class CodebookQuantizer(Quantizer):
         entropy_weight: float = 0.0,
         entropy_temperature: float = 0.1,
         entropy_batch_weight: float = 4.0,
+        entropy_sample: int = 0,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim)
         self.commitment_cost = commitment_cost
@@ -81,6 +83,7 @@ class CodebookQuantizer(Quantizer):
         self.entropy_weight = entropy_weight
         self.entropy_temperature = entropy_temperature
         self.entropy_batch_weight = entropy_batch_weight
+        self.entropy_sample = entropy_sample
         # Factorised codes: per-position linear maps (a 1x1 conv) around the search; absent (no state-dict keys)
         # when code_dim is 0, so the seed's checkpoints load unchanged.
         self.project_in: nn.Linear | None = nn.Linear(embedding_dim, code_dim) if code_dim else None
@@ -217,7 +220,12 @@ class CodebookQuantizer(Quantizer):
 
     def _entropy_loss(self, flat: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """The weighted entropy regulariser of (N, C) search-space latents whose nearest codes are ``nearest``
-        (N, C); a scalar with gradients to the latents (and to a gradient-trained codebook)."""
+        (N, C); a scalar with gradients to the latents (and to a gradient-trained codebook). With
+        ``entropy_sample`` < N, over that many rows drawn at random (the global generator, so seeded runs
+        repeat)."""
+        if 0 < self.entropy_sample < flat.shape[0]:
+            rows = torch.randperm(flat.shape[0], device=flat.device)[: self.entropy_sample]
+            flat, nearest = flat[rows], nearest[rows]
         scale = nearest_sq_distance_mean(flat, nearest)  # the batch's quantisation error: the temperature's unit
         # A copy of the codes: this step's EMA update and restarts overwrite the codebook in place before the
         # backward pass, which needs the values the forward pass used (the copy keeps the plain codebook's graph).
