@@ -1,7 +1,8 @@
 """The service's throughput before and after a change, side by side in one run: the issue's HTTP cases.
 
 A baseline commit (``--baseline``, default ``HEAD``) is extracted into a temporary folder laid out as the
-``vqtok`` package and served from there (first on the import path); the working tree is served as it is.
+``vqtok`` package and served from there (first on the import path); the working tree is served as it is
+(through the editable install, ``pip install -e .``).
 For every round and every case, both servers run in turn (the order alternates between rounds), each a
 fresh ``python -m vqtok.service`` on the CPU, loaded by Debian's ``wrk`` (one thread) for ``--seconds``
 after a 3 s warm-up. The in-process batch-16 encode rate of the engine at the case's image size is
