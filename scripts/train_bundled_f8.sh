@@ -14,7 +14,8 @@
 #   bash scripts/train_bundled_f8.sh seed-entropy-gradient  # `seed` plus both
 #   bash scripts/train_bundled_f8.sh seed-entropy-3e-4  # `seed-entropy` with the entropy term at weight 3e-4
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled  # `seed-entropy` on 512 of each batch's 2,048 vectors
-# All with the same steps, batch and data.
+#   bash scripts/train_bundled_f8.sh seed-entropy-sampled-4k  # ... for 4,000 steps instead of 2,000
+# All with the same steps (but the -4k one), batch and data.
 # The new terms' weights, from the gradients they give on one batch of the trained `seed` model (runs/seed-f8):
 # the entropy term (T = 0.1, batch weight 4) pulls on the latents about 10,000x as hard as the reconstruction
 # and commitment losses per unit weight, so 1e-4 makes the two about equal (its value is then 8e-4 beside an
@@ -50,7 +51,10 @@ case "${1:-vqgan}" in
                            --name vqtok-seed-f8-k8192-entropy3e-4) ;;
   seed-entropy-sampled) OUT=runs/seed-entropy-sampled-f8
                         ARGS=("${ENTROPY[@]}" --entropy-sample 512 --name vqtok-seed-f8-k8192-entropy-sampled) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled" >&2
+  seed-entropy-sampled-4k) OUT=runs/seed-entropy-sampled-4k-f8
+                           ARGS=("${ENTROPY[@]}" --entropy-sample 512 --steps 4000
+                                 --name vqtok-seed-f8-k8192-entropy-sampled-4k) ;;
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k" >&2
      exit 2 ;;
 esac
 RESUME=()
