@@ -20,7 +20,8 @@ from vqtok.service.engine import Engine
 
 
 def _thread() -> str:
-    return threading.current_thread().name
+    """The current thread's name and identity (executors of different apps reuse names)."""
+    return f"{threading.current_thread().name}#{threading.get_ident()}"
 
 
 asyncio_test = pytest.mark.asyncio
