@@ -236,7 +236,7 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
         "arch", "channel_multipliers", "num_res_blocks", "attention_levels", "mid_attention", "z_channels",
         "norm_groups", "code_dim", "l2_normalize", "fsq_levels", "kmeans_vectors_per_code",
         # the codebook-usage (entropy) regulariser: training-only
-        "entropy_weight", "entropy_temperature", "entropy_batch_weight",
+        "entropy_weight", "entropy_temperature", "entropy_batch_weight", "entropy_sample",
     }
     assert not network & training
     base = compute_model_id(TINY, "0" * 64)
