@@ -97,6 +97,19 @@ def multipart_body(png: bytes, count: int) -> tuple[bytes, str]:
     return part * count + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def write_wrk_post(folder: Path, size: int, images_per_request: int) -> Path:
+    """The wrk Lua script (``folder/post.lua``) that POSTs ``images_per_request`` copies of a ``size`` x ``size``
+    PNG of the coffee photo to ``/encode``, its body written beside it; returns the script's path."""
+    photo = Image.open(io.BytesIO(_coffee_png())).resize((size, size), Image.Resampling.BICUBIC)
+    png = io.BytesIO()
+    photo.save(png, format="PNG")
+    body, content_type = multipart_body(png.getvalue(), images_per_request)
+    (folder / "body").write_bytes(body)
+    script = folder / "post.lua"
+    script.write_text(WRK_SCRIPT.format(path=folder / "body", content_type=content_type))
+    return script
+
+
 def parse_wrk(output: str) -> dict[str, float]:
     """Requests/s and latency percentiles (ms) from ``wrk --latency`` output."""
     units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -128,12 +141,7 @@ def main() -> None:
 
     _, batch16_rate = in_process(args.checkpoint, args.size, 200)
     workdir = Path(tempfile.mkdtemp(prefix="vqtok-profile-"))
-    photo = Image.open(io.BytesIO(_coffee_png())).resize((args.size, args.size), Image.Resampling.BICUBIC)
-    png = io.BytesIO()
-    photo.save(png, format="PNG")
-    body, content_type = multipart_body(png.getvalue(), args.images_per_request)
-    (workdir / "body").write_bytes(body)
-    (workdir / "post.lua").write_text(WRK_SCRIPT.format(path=workdir / "body", content_type=content_type))
+    post = write_wrk_post(workdir, args.size, args.images_per_request)
     folded = args.raw or workdir / "stacks.txt"
 
     port = free_port()
@@ -141,14 +149,14 @@ def main() -> None:
     server = start_server(args.checkpoint, port, args.max_batch_size, 0.0, args.size)
     try:
         wait_ready(url, server, timeout=180)
-        warm = [wrk, "-t1", f"-c{args.connections}", "-d3s", "-s", str(workdir / "post.lua"), f"{url}/encode"]
+        warm = [wrk, "-t1", f"-c{args.connections}", "-d3s", "-s", str(post), f"{url}/encode"]
         subprocess.run(warm, capture_output=True, check=True)
         spy = subprocess.Popen([py_spy, "record", "--pid", str(server.pid), "--duration", str(args.seconds),
                                 "--rate", "200", "--nonblocking", "--threads", "--format", "raw",
                                 "--output", str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         server_cpu0, started = cpu_seconds(server.pid), time.monotonic()
         load = subprocess.Popen([wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "--latency",
-                                 "-s", str(workdir / "post.lua"), f"{url}/encode"], stdout=subprocess.PIPE, text=True)
+                                 "-s", str(post), f"{url}/encode"], stdout=subprocess.PIPE, text=True)
         wrk_cpu = 0.0
         while load.poll() is None:  # sample wrk's CPU until it exits (its /proc entry goes with it)
             try:

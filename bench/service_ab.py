@@ -23,7 +23,6 @@ Cases (the issue's targets):
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics
@@ -34,12 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from idle_delay import in_process
-from profile_service import WRK_SCRIPT, cpu_seconds, multipart_body, parse_wrk
-from service_load import REPO, _coffee_png, free_port, wait_ready
+from profile_service import cpu_seconds, parse_wrk, write_wrk_post
+from service_load import REPO, free_port, wait_ready
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ def hide_modules(root: Path, names: list[str]) -> None:
         (root / name / "__init__.py").write_text(f"raise ImportError('{name} is hidden for this baseline')\n")
 
 
-def run_server(import_root: Path | None, checkpoint: Path, case: Case, seconds: int, workdir: Path
+def run_server(import_root: Path | None, checkpoint: Path, case: Case, seconds: int, post: Path
                ) -> dict[str, float]:
     """One server (from ``import_root``, else the working tree) under wrk: rate, p50, p99, server CPU/s."""
     port = free_port()
@@ -83,8 +80,8 @@ def run_server(import_root: Path | None, checkpoint: Path, case: Case, seconds: 
         env["PYTHONPATH"] = str(import_root)
     command = [sys.executable, "-m", "vqtok.service", "--checkpoint", str(checkpoint), "--port", str(port),
                "--device", "cpu", "--warmup-size", str(case.size), "--max-queue-depth", "4096"]
-    server = subprocess.Popen(command, env=env, cwd=workdir)  # not the repository: no import from there
-    wrk = ["wrk", "-t1", f"-c{case.connections}", "--latency", "-s", str(workdir / "post.lua"), f"{url}/encode"]
+    server = subprocess.Popen(command, env=env, cwd=post.parent)  # not the repository: no import from there
+    wrk = ["wrk", "-t1", f"-c{case.connections}", "--latency", "-s", str(post), f"{url}/encode"]
     try:
         wait_ready(url, server, timeout=180)
         subprocess.run([*wrk, "-d3s"], capture_output=True, check=True)
@@ -116,19 +113,17 @@ def main() -> None:
     hide_modules(baseline, args.baseline_without)
     hidden = f" without {' '.join(args.baseline_without)}" if args.baseline_without else ""
     versions = {f"baseline ({args.baseline}){hidden}": baseline, "working tree": None}
+    posts = {}  # each case's request, written once
+    for name in args.cases:
+        (workdir / name).mkdir()
+        posts[name] = write_wrk_post(workdir / name, CASES[name].size, CASES[name].images_per_request)
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for round_index in range(args.rounds):
         for name in args.cases:
             case = CASES[name]
-            photo = Image.open(io.BytesIO(_coffee_png())).resize((case.size, case.size), Image.Resampling.BICUBIC)
-            png = io.BytesIO()
-            photo.save(png, format="PNG")
-            body, content_type = multipart_body(png.getvalue(), case.images_per_request)
-            (workdir / "body").write_bytes(body)
-            (workdir / "post.lua").write_text(WRK_SCRIPT.format(path=workdir / "body", content_type=content_type))
             order = list(versions) if round_index % 2 == 0 else list(reversed(versions))
             for version in order:
-                figures = run_server(versions[version], args.checkpoint, case, args.seconds, workdir)
+                figures = run_server(versions[version], args.checkpoint, case, args.seconds, posts[name])
                 figures["in_process"] = in_process(args.checkpoint, case.size, 64 if case.size > 64 else 200)[1]
                 results.setdefault((name, version), []).append(figures)
                 print(f"round {round_index + 1} {name:<5} {version:<24} {figures['images']:8.0f} images/s "
