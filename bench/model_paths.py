@@ -13,7 +13,8 @@ the eager float32 baseline (what ``Engine.encode_batch`` / ``decode_batch`` do o
 - ``compile``: ``torch.compile`` in its default mode; the first call of each shape (the compilation) is
   reported separately, as ``setup s``, with whether inductor's on-disk cache was already there;
 - ``jit freeze`` and ``jit freeze+ofi``: ``torch.jit.trace``, then ``torch.jit.freeze``, then
-  ``torch.jit.optimize_for_inference``;
+  ``torch.jit.optimize_for_inference``; ``channels_last+jit freeze``: the trace and freeze of the
+  channels_last copy (what the service runs eager), fed channels_last input;
 - ``onnxruntime``: ``torch.onnx.export`` (the dynamo exporter, which needs ``onnxscript``; else the
   TorchScript one), run by ONNX Runtime's CPU provider with torch's thread count. ``onnx``, ``onnxruntime``
   and ``onnxscript`` are optional, not project dependencies: without them the path is skipped with the reason.
@@ -264,7 +265,11 @@ def build_path(name: str, model: nn.Module, examples: tuple[torch.Tensor, torch.
         cache = inductor_cache_state()
         note = f"setup s = the first call of each shape (the compilation); inductor cache {cache} at start"
         return RunPath("compile", torch.compile(enc), torch.compile(dec), note=note)
-    if name in ("jit_freeze", "jit_ofi"):
+    if name in ("jit_freeze", "jit_ofi", "channels_last_jit"):
+        channels_last = name == "channels_last_jit"
+        if channels_last:  # trace the channels_last copy with channels_last examples
+            enc, dec = networks(copy.deepcopy(model).to(memory_format=torch.channels_last))
+            examples = tuple(e.contiguous(memory_format=torch.channels_last) for e in examples)
         try:
             with quiet(), torch.no_grad():
                 pairs = zip((enc, dec), examples, strict=True)
@@ -273,8 +278,9 @@ def build_path(name: str, model: nn.Module, examples: tuple[torch.Tensor, torch.
                     frozen = [torch.jit.optimize_for_inference(f) for f in frozen]
         except Exception as error:  # any failure is reported as the reason
             return Skipped(name.replace("_", " "), reason_of(error))
-        label = "jit freeze+ofi" if name == "jit_ofi" else "jit freeze"
-        return RunPath(label, frozen[0], frozen[1], setup_seconds=time.perf_counter() - started)
+        label = {"jit_ofi": "jit freeze+ofi", "channels_last_jit": "channels_last+jit freeze"}.get(name, "jit freeze")
+        return RunPath(label, frozen[0], frozen[1], setup_seconds=time.perf_counter() - started,
+                       channels_last=channels_last)
     if name == "onnxruntime":
         try:
             import onnxruntime
@@ -297,7 +303,7 @@ def build_path(name: str, model: nn.Module, examples: tuple[torch.Tensor, torch.
 
 
 PATHS = ["eager", "channels_last", "threads1", "threads_all", "bf16", "channels_last_bf16", "compile",
-         "jit_freeze", "jit_ofi", "onnxruntime"]
+         "jit_freeze", "jit_ofi", "channels_last_jit", "onnxruntime"]
 
 
 # --- the engine's encode and decode around a path's networks -------------------------------------------

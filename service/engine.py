@@ -33,6 +33,19 @@ class Engine:
         self.config = checkpoint.network  # what serving needs; the codebook-training config is not read here
         self.autocast_dtype: torch.dtype | None = torch.bfloat16 if device.type == "cuda" else None
         self.model.to(memory_format=torch.channels_last)
+        # The identity is fixed for the engine's life: built once, not per request (model_id is a hash).
+        self._identity = ModelIdentity(
+            name=checkpoint.name,
+            weights_sha256=checkpoint.weights_sha256,
+            model_id=checkpoint.model_id,
+            num_embeddings=self.config.num_embeddings,
+            embedding_dim=self.config.embedding_dim,
+            downsample=self.config.downsample,
+        )
+        self.identity_headers: dict[str, str] = {
+            "x-vqtok-model": self._identity.name, "x-vqtok-weights-sha256": self._identity.weights_sha256,
+            "x-vqtok-model-id": self._identity.model_id,
+        }
 
     @classmethod
     def load(cls, path: Path, device_choice: str) -> Engine:
@@ -46,14 +59,8 @@ class Engine:
         return str(self.autocast_dtype or torch.float32).removeprefix("torch.")
 
     def identity(self) -> ModelIdentity:
-        return ModelIdentity(
-            name=self.checkpoint.name,
-            weights_sha256=self.checkpoint.weights_sha256,
-            model_id=self.checkpoint.model_id,
-            num_embeddings=self.config.num_embeddings,
-            embedding_dim=self.config.embedding_dim,
-            downsample=self.config.downsample,
-        )
+        """The model's identity for answers (a copy: callers may not change the engine's)."""
+        return self._identity.model_copy()
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:

@@ -34,9 +34,8 @@ def timing_headers(result: BatchResult) -> dict[str, str]:
 
 
 def model_headers(engine: Engine) -> dict[str, str]:
-    identity = engine.identity()
-    return {"x-vqtok-model": identity.name, "x-vqtok-weights-sha256": identity.weights_sha256,
-            "x-vqtok-model-id": identity.model_id}
+    """``x-vqtok-model``, ``x-vqtok-weights-sha256`` and ``x-vqtok-model-id`` (built once by the engine)."""
+    return dict(engine.identity_headers)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
