@@ -14,8 +14,14 @@
 #   bash scripts/train_bundled_f8.sh seed-entropy-gradient  # `seed` plus both
 #   bash scripts/train_bundled_f8.sh seed-entropy-3e-4  # `seed-entropy` with the entropy term at weight 3e-4
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled  # `seed-entropy` on 512 of each batch's 2,048 vectors
-#   bash scripts/train_bundled_f8.sh seed-entropy-sampled-4k  # ... for 4,000 steps instead of 2,000
-# All with the same steps (but the -4k one), batch and data.
+#   bash scripts/train_bundled_f8.sh seed-entropy-sampled-4k  # ... for 4,000 steps instead of 2,000 (the bundled f8)
+#   bash scripts/train_bundled_f8.sh seed-entropy-sampled-8k  # ... for 8,000 steps
+#   bash scripts/train_bundled_f8.sh seed-entropy-3e-4-sampled-4k  # the sampled term at weight 3e-4, 4,000 steps
+#   bash scripts/train_bundled_f8.sh seed-recipe-4k  # `seed-recipe` for 4,000 steps (the bundled f8's baseline)
+#   bash scripts/train_bundled_f8.sh seed-k4096-entropy-sampled-4k  # `seed-entropy-sampled-4k` with 4,096 codes
+#   bash scripts/train_bundled_f8.sh seed-k4096-entropy-4k  # ... with the term on the whole batch
+#   bash scripts/train_bundled_f8.sh seed-recipe-k4096-4k  # `seed-recipe-4k` with 4,096 codes (their baseline)
+# All with the same batch and data; 2,000 steps unless the name says otherwise.
 # The new terms' weights, from the gradients they give on one batch of the trained `seed` model (runs/seed-f8):
 # the entropy term (T = 0.1, batch weight 4) pulls on the latents about 10,000x as hard as the reconstruction
 # and commitment losses per unit weight, so 1e-4 makes the two about equal (its value is then 8e-4 beside an
@@ -54,7 +60,25 @@ case "${1:-vqgan}" in
   seed-entropy-sampled-4k) OUT=runs/seed-entropy-sampled-4k-f8
                            ARGS=("${ENTROPY[@]}" --entropy-sample 512 --steps 4000
                                  --name vqtok-seed-f8-k8192-entropy-sampled-4k) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k" >&2
+  seed-entropy-sampled-8k) OUT=runs/seed-entropy-sampled-8k-f8
+                           ARGS=("${ENTROPY[@]}" --entropy-sample 512 --steps 8000
+                                 --name vqtok-seed-f8-k8192-entropy-sampled-8k) ;;
+  seed-entropy-3e-4-sampled-4k) OUT=runs/seed-entropy3e-4-sampled-4k-f8
+                                ARGS=(--entropy-weight 3e-4 --entropy-temperature 0.1 --entropy-batch-weight 4
+                                      --entropy-sample 512 --steps 4000
+                                      --name vqtok-seed-f8-k8192-entropy3e-4-sampled-4k) ;;
+  seed-recipe-4k) OUT=runs/seed-recipe-4k-f8
+                  ARGS=(--dead-code-window 0 --steps 4000 --name vqtok-seed-recipe-f8-k8192-4k) ;;
+  seed-k4096-entropy-sampled-4k) OUT=runs/seed-k4096-entropy-sampled-4k-f8
+                                 ARGS=("${ENTROPY[@]}" --entropy-sample 512 --steps 4000 --num-embeddings 4096
+                                       --name vqtok-seed-f8-k4096-entropy-sampled-4k) ;;
+  seed-k4096-entropy-4k) OUT=runs/seed-k4096-entropy-4k-f8
+                         ARGS=("${ENTROPY[@]}" --steps 4000 --num-embeddings 4096
+                               --name vqtok-seed-f8-k4096-entropy-4k) ;;
+  seed-recipe-k4096-4k) OUT=runs/seed-recipe-k4096-4k-f8
+                        ARGS=(--dead-code-window 0 --steps 4000 --num-embeddings 4096
+                              --name vqtok-seed-recipe-f8-k4096-4k) ;;
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-recipe-k4096-4k" >&2
      exit 2 ;;
 esac
 RESUME=()

@@ -5,7 +5,10 @@
   it became the default, a name that still works).
 - ``default-v1``: the previous default, the same network trained on the 9 ``photos`` images
   (``vqtok-default-f4``): token sets made with it decode only with it (their ``model_id`` differs).
-- ``f8``: the seed's architecture, f=8, 8,192 codes (a 256x256 image is 1,024 tokens of 13 bits).
+- ``f8``: the seed's architecture, f=8, 8,192 codes (a 256x256 image is 1,024 tokens of 13 bits), trained
+  4,000 steps with the sampled codebook-usage term (``vqtok-seed-f8-k8192-entropy-sampled-4k``).
+- ``f8-v1``: the previous ``f8`` (``vqtok-seed-f8-k8192-entropy``, 2,000 steps with the whole-batch term):
+  token sets made with it decode only with it.
 
 A folder added here (a trained checkpoint directory) is bundled under its folder name.
 
