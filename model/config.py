@@ -29,6 +29,7 @@ import torch
 
 QuantizerKind = Literal["ema", "plain", "fsq"]
 ArchitectureKind = Literal["seed", "vqgan"]
+UpsampleKind = Literal["transposed", "resize"]
 
 #: The published channel multipliers of the VQGAN family per downsampling factor (taming-transformers and
 #: latent-diffusion's VQ first stages, LlamaGen's VQ-8 / VQ-16): one level per entry, f = 2 ** (levels - 1).
@@ -39,7 +40,7 @@ PUBLISHED_CHANNEL_MULTIPLIERS: dict[int, tuple[int, ...]] = {4: (1, 2, 4), 8: (1
 #: checkpoint written before the field existed stay what they were.
 FIELDS_HASHED_ONLY_WHEN_SET: tuple[str, ...] = (
     "arch", "channel_multipliers", "num_res_blocks", "attention_levels", "mid_attention", "z_channels",
-    "norm_groups", "code_dim", "l2_normalize", "fsq_levels",
+    "norm_groups", "code_dim", "l2_normalize", "fsq_levels", "upsample",
 )
 
 # Upper bounds, checked before any tensor is allocated, so a mistyped or hostile config.json is a clear
@@ -137,6 +138,11 @@ class NetworkConfig(_StrictFields):
         published 128), multiplied per level by ``channel_multipliers``.
       num_residual_hiddens: seed only: channels inside each residual block.
       num_residual_layers: seed only: residual blocks in each residual stack.
+      upsample: seed only: how the decoder doubles the resolution at each stage. "transposed" (the seed's):
+        4x4 stride-2 transposed convolutions, whose kernels overlap unevenly and can print a checkerboard at
+        the stage periods. "resize": nearest-neighbour doubling followed by a 3x3 convolution (Odena et al.
+        2016, "Deconvolution and checkerboard artifacts"; what the VQGAN family always does), which has no
+        uneven overlap.
       embedding_dim: D, the channels the quantizer receives and returns (after the 1x1 projection from
         the encoder; LlamaGen's VQ models use 8, taming's 256).
       num_embeddings: K, the number of codes (the token vocabulary). With "fsq" it must equal the product
@@ -190,6 +196,7 @@ class NetworkConfig(_StrictFields):
     code_dim: int = 0
     l2_normalize: bool = False
     fsq_levels: tuple[int, ...] = ()
+    upsample: UpsampleKind = "transposed"
 
     def resolve(self) -> None:
         """vqgan with no ``channel_multipliers``: the published ones for ``downsample``."""

@@ -79,7 +79,7 @@ class VQVAE(nn.Module):
             self.post_vq_conv = nn.Identity()  # the seed's decoder takes D channels directly
             self.decoder = seed.Decoder(
                 c.embedding_dim, c.in_channels, c.num_hiddens, c.num_residual_hiddens,
-                c.num_residual_layers, c.num_downsamples,
+                c.num_residual_layers, c.num_downsamples, c.upsample,
             )
         self.quantizer = build_quantizer(c, self.codebook_training)
 

@@ -15,6 +15,7 @@
 #   bash scripts/train_bundled_f8.sh seed-entropy-3e-4  # `seed-entropy` with the entropy term at weight 3e-4
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled  # `seed-entropy` on 512 of each batch's 2,048 vectors
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-4k  # ... for 4,000 steps instead of 2,000 (the bundled f8)
+#   bash scripts/train_bundled_f8.sh seed-resize-entropy-sampled  # `seed-entropy-sampled` with --upsample resize
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-8k  # ... for 8,000 steps
 #   bash scripts/train_bundled_f8.sh seed-entropy-3e-4-sampled-4k  # the sampled term at weight 3e-4, 4,000 steps
 #   bash scripts/train_bundled_f8.sh seed-recipe-4k  # `seed-recipe` for 4,000 steps (the bundled f8's baseline)
@@ -57,6 +58,9 @@ case "${1:-vqgan}" in
                            --name vqtok-seed-f8-k8192-entropy3e-4) ;;
   seed-entropy-sampled) OUT=runs/seed-entropy-sampled-f8
                         ARGS=("${ENTROPY[@]}" --entropy-sample 512 --name vqtok-seed-f8-k8192-entropy-sampled) ;;
+  seed-resize-entropy-sampled) OUT=runs/seed-resize-entropy-sampled-f8
+                               ARGS=("${ENTROPY[@]}" --entropy-sample 512 --upsample resize
+                                     --name vqtok-seed-f8-k8192-resize-entropy-sampled) ;;
   seed-entropy-sampled-4k) OUT=runs/seed-entropy-sampled-4k-f8
                            ARGS=("${ENTROPY[@]}" --entropy-sample 512 --steps 4000
                                  --name vqtok-seed-f8-k8192-entropy-sampled-4k) ;;
@@ -78,7 +82,7 @@ case "${1:-vqgan}" in
   seed-recipe-k4096-4k) OUT=runs/seed-recipe-k4096-4k-f8
                         ARGS=(--dead-code-window 0 --steps 4000 --num-embeddings 4096
                               --name vqtok-seed-recipe-f8-k4096-4k) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-recipe-k4096-4k" >&2
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-recipe-k4096-4k" >&2
      exit 2 ;;
 esac
 RESUME=()

@@ -238,6 +238,8 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
         # added with the VQGAN family and the new quantizers (hashed only when set, so old ids hold)
         "arch", "channel_multipliers", "num_res_blocks", "attention_levels", "mid_attention", "z_channels",
         "norm_groups", "code_dim", "l2_normalize", "fsq_levels", "kmeans_vectors_per_code",
+        # the seed decoder's upsampling (hashed only when set)
+        "upsample",
         # the codebook-usage (entropy) regulariser: training-only
         "entropy_weight", "entropy_temperature", "entropy_batch_weight", "entropy_sample",
     }
@@ -256,7 +258,7 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
     fsq = dataclasses.replace(TINY, quantizer="fsq", fsq_levels=(4, 8), num_embeddings=32)
     later_changes = {
         "arch": (TINY, {"arch": "vqgan", "norm_groups": 8}), "code_dim": (TINY, {"code_dim": 4}),
-        "l2_normalize": (TINY, {"l2_normalize": True}),
+        "l2_normalize": (TINY, {"l2_normalize": True}), "upsample": (TINY, {"upsample": "resize"}),
         "channel_multipliers": (vqgan, {"channel_multipliers": (1, 1, 2, 2)}),
         "num_res_blocks": (vqgan, {"num_res_blocks": 1}), "attention_levels": (vqgan, {"attention_levels": (3,)}),
         "mid_attention": (vqgan, {"mid_attention": False}), "z_channels": (vqgan, {"z_channels": 8}),

@@ -15,10 +15,11 @@ from vqtok.model.vqvae import VQVAE
 TINY = {"num_hiddens": 16, "num_residual_hiddens": 8, "embedding_dim": 8, "num_embeddings": 32}
 
 
+@pytest.mark.parametrize("upsample", ["transposed", "resize"])
 @pytest.mark.parametrize("downsample", [4, 8, 16])
 @pytest.mark.parametrize(("height", "width"), [(48, 80), (16 * 3, 16 * 7), (32, 32)])
-def test_shapes_for_every_downsample_factor(downsample: int, height: int, width: int) -> None:
-    model = VQVAE(NetworkConfig(downsample=downsample, **TINY))
+def test_shapes_for_every_downsample_factor(downsample: int, height: int, width: int, upsample: str) -> None:
+    model = VQVAE(NetworkConfig(downsample=downsample, upsample=upsample, **TINY))
     x = torch.randn(2, 3, height, width)
     out = model(x)
     assert out.reconstruction.shape == (2, 3, height, width)
@@ -27,6 +28,23 @@ def test_shapes_for_every_downsample_factor(downsample: int, height: int, width:
     assert model.encode(x).shape == (2, height // downsample, width // downsample)
     assert model.codebook.shape == (32, 8)
     assert out.vq_loss.dim() == 0 and 1.0 <= float(out.perplexity) <= 32.0
+
+
+def test_resize_upsampling_has_no_checkerboard_where_transposed_convolutions_print_one() -> None:
+    """A constant latent decodes to a constant image through nearest doubling + 3x3 convs (away from the
+    zero-padded border), whatever the weights; 4x4 stride-2 transposed kernels overlap unevenly and print
+    a pattern at the stage period (Odena et al. 2016). The seed's keys and shapes are kept for "transposed"."""
+    torch.manual_seed(0)
+    constant = torch.ones(1, 8, 24, 24)  # (B, D, h, w): decodes to 96x96
+    patterns = {}
+    for upsample in ("transposed", "resize"):
+        model = VQVAE(NetworkConfig(downsample=4, upsample=upsample, **TINY)).eval()
+        with torch.no_grad():
+            image = model.decoder(model.post_vq_conv(constant))[0, :, 32:-32, 32:-32]  # (3, 32, 32), inner
+        patterns[upsample] = float(image.std(dim=(1, 2)).max())
+    assert patterns["resize"] < 1e-5 < patterns["transposed"]
+    assert [k for k in VQVAE(NetworkConfig(**TINY)).state_dict() if k.startswith("decoder.upsamples.0")] == [
+        "decoder.upsamples.0.weight", "decoder.upsamples.0.bias"]
 
 
 @pytest.mark.parametrize(("downsample", "height", "width"), [(4, 30, 32), (8, 36, 40), (16, 32, 40)])

@@ -4,12 +4,15 @@ Architecture of the seed (after van den Oord et al. 2017 and Sonnet's ``vqvae.py
 
 - Encoder: 4x4 stride-2 conv (C -> h/2), one 4x4 stride-2 conv (-> h) per further factor of 2,
   a 3x3 conv (h -> h), then a residual stack; ReLU between the convs.
-- Decoder: 3x3 conv (D -> h), a residual stack, then 4x4 stride-2 transposed convs back to C.
+- Decoder: 3x3 conv (D -> h), a residual stack, then 4x4 stride-2 transposed convs back to C (the seed's),
+  or, with ``upsample="resize"``, nearest-neighbour doubling + 3x3 conv per stage (no checkerboard overlap).
 - Residual block: ReLU -> 3x3 conv (h -> r) -> ReLU -> 1x1 conv (r -> h), added to its input.
   A residual stack ends with a ReLU.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +75,16 @@ class Encoder(nn.Module):
         return self.residual_stack(self.conv_out(x))
 
 
+def _upsample_stage(in_channels: int, out_channels: int, upsample: str) -> nn.Module:
+    """One stage that doubles each side: (B, in, H, W) -> (B, out, 2H, 2W)."""
+    if upsample == "transposed":
+        # 4x4 transposed kernels, stride 2, padding 1 double each side exactly.
+        return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1)
+    # Every output pixel sees the same number of input pixels, so no checkerboard from uneven overlap.
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+
+
 class Decoder(nn.Module):
     """Quantized latents (B, D, h, w) -> images (B, C, h*f, w*f), f = 2**num_upsamples."""
 
@@ -83,20 +96,19 @@ class Decoder(nn.Module):
         num_residual_hiddens: int,
         num_residual_layers: int,
         num_upsamples: int,
+        upsample: str = "transposed",
     ) -> None:
         super().__init__()
         if num_upsamples < 2:
             raise ValueError(f"the decoder needs at least 2 stride-2 stages, got {num_upsamples}")
+        if upsample not in ("transposed", "resize"):
+            raise ValueError(f"upsample must be 'transposed' or 'resize', got {upsample!r}")
         self.conv_in = nn.Conv2d(embedding_dim, num_hiddens, kernel_size=3, padding=1)
         self.residual_stack = ResidualStack(num_hiddens, num_residual_hiddens, num_residual_layers)
-        # 4x4 transposed kernels, stride 2, padding 1 double each side exactly.
-        ups = [
-            nn.ConvTranspose2d(num_hiddens, num_hiddens, kernel_size=4, stride=2, padding=1)
-            for _ in range(num_upsamples - 2)
-        ]
-        ups.append(nn.ConvTranspose2d(num_hiddens, num_hiddens // 2, kernel_size=4, stride=2, padding=1))
-        ups.append(nn.ConvTranspose2d(num_hiddens // 2, out_channels, kernel_size=4, stride=2, padding=1))
-        self.upsamples = nn.ModuleList(ups)
+        widths = [num_hiddens] * (num_upsamples - 1) + [num_hiddens // 2, out_channels]
+        self.upsamples = nn.ModuleList(
+            _upsample_stage(c_in, c_out, upsample) for c_in, c_out in itertools.pairwise(widths)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.residual_stack(self.conv_in(x))
