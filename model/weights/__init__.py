@@ -7,6 +7,9 @@
   (``vqtok-default-f4``): token sets made with it decode only with it (their ``model_id`` differs).
 - ``f8``: the seed's architecture, f=8, 8,192 codes (a 256x256 image is 1,024 tokens of 13 bits), trained
   4,000 steps with the sampled codebook-usage term (``vqtok-seed-f8-k8192-entropy-sampled-4k``).
+- ``f8-k4096``: the same network with 4,096 codes (1,024 tokens of 12 bits), trained 4,000 steps with the
+  codebook-usage term on the whole batch (``vqtok-seed-f8-k4096-entropy-4k``): 96% of its codes are used on
+  held-out photographs.
 - ``f8-v1``: the previous ``f8`` (``vqtok-seed-f8-k8192-entropy``, 2,000 steps with the whole-batch term):
   token sets made with it decode only with it.
 
