@@ -222,6 +222,8 @@ class NetworkConfig(_StrictFields):
             raise ValueError(f"arch must be 'seed' or 'vqgan', got {self.arch!r}")
         if self.quantizer not in ("ema", "plain", "fsq"):
             raise ValueError(f"quantizer must be 'ema', 'plain' or 'fsq', got {self.quantizer!r}")
+        if self.upsample not in ("transposed", "resize"):
+            raise ValueError(f"upsample must be 'transposed' or 'resize', got {self.upsample!r}")
         for name in ("pixel_mean", "pixel_std"):
             if len(getattr(self, name)) != self.in_channels:
                 raise ValueError(f"{name} needs {self.in_channels} values, got {len(getattr(self, name))}")

@@ -59,6 +59,8 @@ def test_bad_config_values_name_the_field() -> None:
         NetworkConfig(downsample=2)
     with pytest.raises(ValueError, match="num_embeddings must be >= 1"):
         NetworkConfig(num_embeddings=0)
+    with pytest.raises(ValueError, match="upsample must be 'transposed' or 'resize', got 'bilinear'"):
+        NetworkConfig(upsample="bilinear")
     with pytest.raises(ValueError, match="unknown config key\\(s\\): colour"):
         NetworkConfig.from_dict({"colour": 1})
     with pytest.raises(ValueError, match="unknown config key\\(s\\): decay"):  # a training-only field

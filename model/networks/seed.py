@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqtok.model.config import UpsampleKind
+
 
 class Residual(nn.Module):
     """One residual block: ``x + conv1x1(relu(conv3x3(relu(x))))``. (B, h, H, W) -> (B, h, H, W)."""
@@ -75,7 +77,7 @@ class Encoder(nn.Module):
         return self.residual_stack(self.conv_out(x))
 
 
-def _upsample_stage(in_channels: int, out_channels: int, upsample: str) -> nn.Module:
+def _upsample_stage(in_channels: int, out_channels: int, upsample: UpsampleKind) -> nn.Module:
     """One stage that doubles each side: (B, in, H, W) -> (B, out, 2H, 2W)."""
     if upsample == "transposed":
         # 4x4 transposed kernels, stride 2, padding 1 double each side exactly.
@@ -96,13 +98,11 @@ class Decoder(nn.Module):
         num_residual_hiddens: int,
         num_residual_layers: int,
         num_upsamples: int,
-        upsample: str = "transposed",
+        upsample: UpsampleKind = "transposed",
     ) -> None:
         super().__init__()
         if num_upsamples < 2:
             raise ValueError(f"the decoder needs at least 2 stride-2 stages, got {num_upsamples}")
-        if upsample not in ("transposed", "resize"):
-            raise ValueError(f"upsample must be 'transposed' or 'resize', got {upsample!r}")
         self.conv_in = nn.Conv2d(embedding_dim, num_hiddens, kernel_size=3, padding=1)
         self.residual_stack = ResidualStack(num_hiddens, num_residual_hiddens, num_residual_layers)
         widths = [num_hiddens] * (num_upsamples - 1) + [num_hiddens // 2, out_channels]
