@@ -116,19 +116,17 @@ def ensure_vqtok_importable() -> None:
     path of this process and (through PYTHONPATH) of every process it starts."""
     if importlib.util.find_spec("vqtok") is not None:
         return
-    package = Path(tempfile.mkdtemp(prefix="vqtok-checkout-")) / "vqtok"
-    package.mkdir()
-    for item in (REPO / "src" / "vqtok").iterdir():
-        (package / item.name).symlink_to(item)
-    (package / "model").symlink_to(REPO / "model")
-    (package / "service").symlink_to(REPO / "service")
+    from package_layout import assemble_vqtok  # bench/ is on the import path (below)
+
+    package = assemble_vqtok(REPO, Path(tempfile.mkdtemp(prefix="vqtok-checkout-")) / "vqtok",
+                             lambda part, destination: destination.symlink_to(part))
     atexit.register(shutil.rmtree, package.parent, ignore_errors=True)
     sys.path.insert(0, str(package.parent))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(package.parent), os.environ.get("PYTHONPATH")) if p)
 
 
-ensure_vqtok_importable()
 sys.path.insert(0, str(REPO / "bench"))
+ensure_vqtok_importable()
 try:  # the other bench scripts import the service too
     from model_paths import block, load_photos, parse_shape, photo_batches, quiet, reason_of, usable_cores
     from profile_service import parse_wrk, write_wrk_post

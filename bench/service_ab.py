@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from idle_delay import in_process
+from package_layout import assemble_vqtok
 from profile_service import cpu_seconds, parse_wrk, write_wrk_post
 from service_load import REPO, free_port, wait_ready
 
@@ -51,14 +52,13 @@ CASES = {"small": Case(32, 1, 32), "many": Case(32, 64, 1), "large": Case(256, 1
 
 def extract(ref: str, into: Path) -> Path:
     """Commit ``ref`` of this repository as an importable ``vqtok`` package under ``into``; returns ``into``."""
-    into.mkdir(parents=True)
+    source = into / "source"
+    source.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "src/vqtok", "model", "service"],
                              check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    package = into / "vqtok"
-    shutil.move(into / "src" / "vqtok", package)
-    shutil.move(into / "model", package / "model")
-    shutil.move(into / "service", package / "service")
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    assemble_vqtok(source, into / "vqtok", shutil.move)
+    shutil.rmtree(source)
     return into
 
 
