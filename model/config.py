@@ -29,7 +29,7 @@ import torch
 
 QuantizerKind = Literal["ema", "plain", "fsq"]
 ArchitectureKind = Literal["seed", "vqgan"]
-UpsampleKind = Literal["transposed", "resize"]
+UpsampleKind = Literal["transposed", "resize", "bilinear"]
 
 #: The published channel multipliers of the VQGAN family per downsampling factor (taming-transformers and
 #: latent-diffusion's VQ first stages, LlamaGen's VQ-8 / VQ-16): one level per entry, f = 2 ** (levels - 1).
@@ -142,7 +142,9 @@ class NetworkConfig(_StrictFields):
         4x4 stride-2 transposed convolutions, whose kernels overlap unevenly and can print a checkerboard at
         the stage periods. "resize": nearest-neighbour doubling followed by a 3x3 convolution (Odena et al.
         2016, "Deconvolution and checkerboard artifacts"; what the VQGAN family always does), which has no
-        uneven overlap.
+        uneven overlap, but whose duplicated pixel pairs still differ from the steps between pairs.
+        "bilinear": bilinear doubling followed by a 3x3 convolution: between and within the doubled pairs
+        alike, a locally linear input gives the same step.
       embedding_dim: D, the channels the quantizer receives and returns (after the 1x1 projection from
         the encoder; LlamaGen's VQ models use 8, taming's 256).
       num_embeddings: K, the number of codes (the token vocabulary). With "fsq" it must equal the product
@@ -222,8 +224,8 @@ class NetworkConfig(_StrictFields):
             raise ValueError(f"arch must be 'seed' or 'vqgan', got {self.arch!r}")
         if self.quantizer not in ("ema", "plain", "fsq"):
             raise ValueError(f"quantizer must be 'ema', 'plain' or 'fsq', got {self.quantizer!r}")
-        if self.upsample not in ("transposed", "resize"):
-            raise ValueError(f"upsample must be 'transposed' or 'resize', got {self.upsample!r}")
+        if self.upsample not in ("transposed", "resize", "bilinear"):
+            raise ValueError(f"upsample must be 'transposed', 'resize' or 'bilinear', got {self.upsample!r}")
         for name in ("pixel_mean", "pixel_std"):
             if len(getattr(self, name)) != self.in_channels:
                 raise ValueError(f"{name} needs {self.in_channels} values, got {len(getattr(self, name))}")

@@ -15,7 +15,7 @@ from vqtok.model.vqvae import VQVAE
 TINY = {"num_hiddens": 16, "num_residual_hiddens": 8, "embedding_dim": 8, "num_embeddings": 32}
 
 
-@pytest.mark.parametrize("upsample", ["transposed", "resize"])
+@pytest.mark.parametrize("upsample", ["transposed", "resize", "bilinear"])
 @pytest.mark.parametrize("downsample", [4, 8, 16])
 @pytest.mark.parametrize(("height", "width"), [(48, 80), (16 * 3, 16 * 7), (32, 32)])
 def test_shapes_for_every_downsample_factor(downsample: int, height: int, width: int, upsample: str) -> None:
@@ -31,18 +31,18 @@ def test_shapes_for_every_downsample_factor(downsample: int, height: int, width:
 
 
 def test_resize_upsampling_has_no_checkerboard_where_transposed_convolutions_print_one() -> None:
-    """A constant latent decodes to a constant image through nearest doubling + 3x3 convs (away from the
-    zero-padded border), whatever the weights; 4x4 stride-2 transposed kernels overlap unevenly and print
+    """A constant latent decodes to a constant image through nearest or bilinear doubling + 3x3 convs (away
+    from the zero-padded border), whatever the weights; 4x4 stride-2 transposed kernels overlap unevenly and print
     a pattern at the stage period (Odena et al. 2016). The seed's keys and shapes are kept for "transposed"."""
     torch.manual_seed(0)
     constant = torch.ones(1, 8, 24, 24)  # (B, D, h, w): decodes to 96x96
     patterns = {}
-    for upsample in ("transposed", "resize"):
+    for upsample in ("transposed", "resize", "bilinear"):
         model = VQVAE(NetworkConfig(downsample=4, upsample=upsample, **TINY)).eval()
         with torch.no_grad():
             image = model.decoder(model.post_vq_conv(constant))[0, :, 32:-32, 32:-32]  # (3, 32, 32), inner
         patterns[upsample] = float(image.std(dim=(1, 2)).max())
-    assert patterns["resize"] < 1e-5 < patterns["transposed"]
+    assert max(patterns["resize"], patterns["bilinear"]) < 1e-5 < patterns["transposed"]
     assert [k for k in VQVAE(NetworkConfig(**TINY)).state_dict() if k.startswith("decoder.upsamples.0")] == [
         "decoder.upsamples.0.weight", "decoder.upsamples.0.bias"]
 
@@ -59,8 +59,8 @@ def test_bad_config_values_name_the_field() -> None:
         NetworkConfig(downsample=2)
     with pytest.raises(ValueError, match="num_embeddings must be >= 1"):
         NetworkConfig(num_embeddings=0)
-    with pytest.raises(ValueError, match="upsample must be 'transposed' or 'resize', got 'bilinear'"):
-        NetworkConfig(upsample="bilinear")
+    with pytest.raises(ValueError, match="upsample must be 'transposed', 'resize' or 'bilinear', got 'bicubic'"):
+        NetworkConfig(upsample="bicubic")
     with pytest.raises(ValueError, match="unknown config key\\(s\\): colour"):
         NetworkConfig.from_dict({"colour": 1})
     with pytest.raises(ValueError, match="unknown config key\\(s\\): decay"):  # a training-only field

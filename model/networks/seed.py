@@ -83,7 +83,10 @@ def _upsample_stage(in_channels: int, out_channels: int, upsample: UpsampleKind)
         # 4x4 transposed kernels, stride 2, padding 1 double each side exactly.
         return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=4, stride=2, padding=1)
     # Every output pixel sees the same number of input pixels, so no checkerboard from uneven overlap.
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+    # Bilinear (half-pixel centres) puts each doubled pixel at 1/4 and 3/4 of its source: a linear ramp of
+    # step s comes out with step s/2 everywhere, where nearest doubling gives 0 within a pair and s between.
+    mode = "nearest" if upsample == "resize" else "bilinear"
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=mode),
                          nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
 
 
