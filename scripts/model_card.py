@@ -9,6 +9,10 @@ the grid-artifact measure (reconstructions, originals), codes used over every he
 parameters, and how it was trained (steps, batch, crop size, wall time and hardware from its record).
 ``--zoom`` writes a figure: the same 64x64 region of a held-out photo, 4x enlarged (nearest neighbour),
 as the original and as each checkpoint's reconstruction, where grid texture and banding are visible.
+``--phases`` prints, per checkpoint, where its grid measure comes from: the mean gradient at each of the
+f x f pixel phases (reconstructions, then originals), the same folded to the 2 x 2 phases of one decoder
+stage (a pattern at the stages' 2-px period: checkerboard from the upsampling), and the f x f spread left
+once that 2-px pattern is divided out (what each code's own patch adds).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from vqtok.model import data as datasets
 from vqtok.model.checkpoint import Checkpoint, load_checkpoint
-from vqtok.model.evaluate import evaluate_spec, reconstruct
+from vqtok.model.evaluate import evaluate_spec, phase_gradients, reconstruct
 from vqtok.model.weights import resolve_checkpoint
 
 
@@ -56,6 +60,38 @@ def describe(checkpoint: Checkpoint, data: str) -> dict[str, str]:
     }
 
 
+def phase_spread(means: torch.Tensor) -> dict[str, float]:
+    """Max over min of per-phase mean gradients (f, f), f even: over all f x f phases (the grid measure),
+    over the 2 x 2 phases of one decoder stage (``means`` averaged by phase mod 2), and over the f x f
+    phases once that 2-px pattern is divided out."""
+    period = means.shape[0]
+    folded = means.reshape(period // 2, 2, period // 2, 2).mean(dim=(0, 2))  # (2, 2): phase mod 2
+    residual = means / folded.repeat(period // 2, period // 2)  # (f, f) with the 2-px pattern divided out
+    return {name: float(values.max() / values.min())
+            for name, values in (("all", means), ("stage", folded), ("code", residual))}
+
+
+def phase_report(checkpoint: Checkpoint, data: str) -> str:
+    """The grid measure taken apart by pixel phase (see the module docstring), as text."""
+    period = checkpoint.network.downsample
+    sums = torch.zeros(period, period, dtype=torch.float64)
+    sums_original, counts = torch.zeros_like(sums), torch.zeros_like(sums)
+    for _, image in datasets.iter_full_images(data, "heldout"):
+        reconstruction, _ = reconstruct(checkpoint.model, image[None])
+        phase_sums, phase_counts = phase_gradients(reconstruction, period)
+        sums, counts = sums + phase_sums, counts + phase_counts
+        sums_original += phase_gradients(image[None], period)[0]
+    lines = []
+    for name, total in (("reconstructions", sums), ("originals", sums_original)):
+        means = total / counts  # (f, f): mean gradient per phase
+        spread = phase_spread(means)
+        lines.append(f"{name}: mean gradient x 1000 per phase (row = y mod {period}, column = x mod {period})")
+        lines += ["  " + " ".join(f"{1000 * float(v):6.2f}" for v in row) for row in means]
+        lines.append(f"  max/min: all {period}x{period} phases {spread['all']:.3f}, 2x2 stage phases "
+                     f"{spread['stage']:.3f}, {period}x{period} without the 2-px pattern {spread['code']:.3f}")
+    return "\n".join(lines)
+
+
 def zoom_figure(checkpoints: list[tuple[str, Checkpoint]], data: str, out: Path, image_index: int = 0,
                 region: tuple[int, int, int] = (200, 300, 64), scale: int = 4) -> None:
     """The same square region of held-out image ``image_index``, enlarged, original first."""
@@ -83,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoints", nargs="+", help="checkpoint directories or bundled names")
     parser.add_argument("--data", default="data/photos-v1", help="data spec whose held-out images are measured")
     parser.add_argument("--zoom", type=Path, help="write the zoomed-crop figure here")
+    parser.add_argument("--phases", action="store_true", help="print where each grid measure comes from")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     loaded = [(spec, load_checkpoint(resolve_checkpoint(spec), "cpu")) for spec in args.checkpoints]
@@ -91,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- |" + " --- |" * len(columns))
     for key in columns[0]:
         print(f"| {key} | " + " | ".join(column[key] for column in columns) + " |")
+    if args.phases:
+        for spec, checkpoint in loaded:
+            print(f"\n`{spec}`\n" + phase_report(checkpoint, args.data))
     if args.zoom:
         zoom_figure(loaded, args.data, args.zoom)
     return 0
