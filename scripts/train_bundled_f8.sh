@@ -16,8 +16,8 @@
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled  # `seed-entropy` on 512 of each batch's 2,048 vectors
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-4k  # ... for 4,000 steps instead of 2,000 (the bundled f8)
 #   bash scripts/train_bundled_f8.sh seed-resize-entropy-sampled  # `seed-entropy-sampled` with --upsample resize
-#   bash scripts/train_bundled_f8.sh seed-bilinear-entropy-sampled-4k  # `seed-entropy-sampled-4k` with
-#                                                                     # --upsample bilinear
+#   bash scripts/train_bundled_f8.sh seed-bilinear-entropy-sampled  # `seed-entropy-sampled` with --upsample bilinear
+#   bash scripts/train_bundled_f8.sh seed-bilinear-entropy-sampled-gradient-4k  # ... + the gradient term, 4,000 steps
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-8k  # ... for 8,000 steps
 #   bash scripts/train_bundled_f8.sh seed-entropy-3e-4-sampled-4k  # the sampled term at weight 3e-4, 4,000 steps
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-gradient-4k  # `seed-entropy-sampled-4k` + the gradient term
@@ -26,6 +26,7 @@
 #   bash scripts/train_bundled_f8.sh seed-recipe-4k  # `seed-recipe` for 4,000 steps (the bundled f8's baseline)
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-sampled-4k  # `seed-entropy-sampled-4k` with 4,096 codes
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-4k  # ... with the term on the whole batch
+#   bash scripts/train_bundled_f8.sh seed-k4096-entropy-gradient-4k  # `seed-k4096-entropy-4k` + the gradient term
 #   bash scripts/train_bundled_f8.sh seed-recipe-k4096-4k  # `seed-recipe-4k` with 4,096 codes (their baseline)
 # All with the same batch and data; 2,000 steps unless the name says otherwise.
 # The new terms' weights, from the gradients they give on one batch of the trained `seed` model (runs/seed-f8):
@@ -69,9 +70,13 @@ case "${1:-vqgan}" in
   seed-entropy-sampled-4k) OUT=runs/seed-entropy-sampled-4k-f8
                            ARGS=("${ENTROPY[@]}" --entropy-sample 512 --steps 4000
                                  --name vqtok-seed-f8-k8192-entropy-sampled-4k) ;;
-  seed-bilinear-entropy-sampled-4k) OUT=runs/seed-bilinear-entropy-sampled-4k-f8
-                                    ARGS=("${ENTROPY[@]}" --entropy-sample 512 --upsample bilinear --steps 4000
-                                          --name vqtok-seed-f8-k8192-bilinear-entropy-sampled-4k) ;;
+  seed-bilinear-entropy-sampled) OUT=runs/seed-bilinear-entropy-sampled-f8
+                                 ARGS=("${ENTROPY[@]}" --entropy-sample 512 --upsample bilinear
+                                       --name vqtok-seed-f8-k8192-bilinear-entropy-sampled) ;;
+  seed-bilinear-entropy-sampled-gradient-4k) OUT=runs/seed-bilinear-entropy-sampled-gradient-4k-f8
+                                             ARGS=("${ENTROPY[@]}" --entropy-sample 512 --upsample bilinear
+                                                   "${GRADIENT[@]}" --steps 4000
+                                                   --name vqtok-seed-f8-k8192-bilinear-entropy-sampled-gradient-4k) ;;
   seed-entropy-sampled-8k) OUT=runs/seed-entropy-sampled-8k-f8
                            ARGS=("${ENTROPY[@]}" --entropy-sample 512 --steps 8000
                                  --name vqtok-seed-f8-k8192-entropy-sampled-8k) ;;
@@ -92,10 +97,13 @@ case "${1:-vqgan}" in
   seed-k4096-entropy-4k) OUT=runs/seed-k4096-entropy-4k-f8
                          ARGS=("${ENTROPY[@]}" --steps 4000 --num-embeddings 4096
                                --name vqtok-seed-f8-k4096-entropy-4k) ;;
+  seed-k4096-entropy-gradient-4k) OUT=runs/seed-k4096-entropy-gradient-4k-f8
+                                  ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
+                                        --name vqtok-seed-f8-k4096-entropy-gradient-4k) ;;
   seed-recipe-k4096-4k) OUT=runs/seed-recipe-k4096-4k-f8
                         ARGS=(--dead-code-window 0 --steps 4000 --num-embeddings 4096
                               --name vqtok-seed-recipe-f8-k4096-4k) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-recipe-k4096-4k" >&2
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled|seed-bilinear-entropy-sampled-gradient-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-k4096-entropy-gradient-4k|seed-recipe-k4096-4k" >&2
      exit 2 ;;
 esac
 RESUME=()

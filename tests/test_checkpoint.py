@@ -38,9 +38,10 @@ NETWORK_FIELDS = {f.name for f in dataclasses.fields(NetworkConfig)}
 BUNDLED_MODEL_ID = "5874ffb39ce1111b8c2afb31bfddd5733d443b01531f789f6e5aeafbe2f5cd57"
 PREVIOUS_DEFAULT = DEFAULT_CHECKPOINT.parent / "default-v1"
 PREVIOUS_DEFAULT_MODEL_ID = "aafe8667c7495436a368ee62696220b30e700f62074df0aab930780084bdced5"
-# The bundled f=8 model's identity, and the previous f8's (bundled as f8-v1 since 2026-12-01).
-F8_MODEL_ID = "1625e9b4e8a9d4d051ca02361d3273e56cb8d9e7f992e19f8c7e2ad570473c19"
-PREVIOUS_F8_MODEL_ID = "32df55c53b85022d9e05f0a3c698e8fdd881a0252115cd0e653996da2c8ca5d1"
+# The bundled f=8 model's identity, and the previous f8s' (bundled as f8-v2 and f8-v1 since 2026-12-01).
+F8_MODEL_ID = "bcda907ed315c28dc21e1e7276b78dc1f172d7f249b14b5102526b60a86b27d5"
+PREVIOUS_F8_MODEL_IDS = {"f8-v2": "1625e9b4e8a9d4d051ca02361d3273e56cb8d9e7f992e19f8c7e2ad570473c19",
+                         "f8-v1": "32df55c53b85022d9e05f0a3c698e8fdd881a0252115cd0e653996da2c8ca5d1"}
 # The bundled f=8 model with 4,096 codes (96% of them used on the held-out photographs).
 F8_K4096_MODEL_ID = "72d29dc6c9466ad8b45eb10999afddcc1bfe0d0b8be2dc39d0e3c39e28234e81"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -548,9 +549,12 @@ def test_bundled_checkpoints_load_by_name_and_an_existing_directory_wins(tmp_pat
     # the previous default stays bundled (its token sets decode with it); a former name still resolves
     assert load_checkpoint("default-v1").model_id == PREVIOUS_DEFAULT_MODEL_ID
     assert resolve_checkpoint("f4-photos-v1") == DEFAULT_CHECKPOINT
-    f8, previous_f8 = load_checkpoint("f8"), load_checkpoint("f8-v1")
-    assert (f8.model_id, previous_f8.model_id) == (F8_MODEL_ID, PREVIOUS_F8_MODEL_ID)
-    assert f8.network == previous_f8.network  # the same network and K: only the weights differ
+    f8 = load_checkpoint("f8")
+    assert f8.model_id == F8_MODEL_ID
+    for name, model_id in PREVIOUS_F8_MODEL_IDS.items():
+        previous_f8 = load_checkpoint(name)
+        assert previous_f8.model_id == model_id
+        assert f8.network == previous_f8.network  # the same network and K: only the weights differ
     assert (f8.network.downsample, f8.network.num_embeddings) == (8, 8192)
     f8_k4096 = load_checkpoint("f8-k4096")
     assert f8_k4096.model_id == F8_K4096_MODEL_ID
