@@ -121,18 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoom", type=Path, help="write the zoomed-crop figure here")
     parser.add_argument("--phases", action="store_true", help="print where each grid measure comes from")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    loaded = [(spec, load_checkpoint(resolve_checkpoint(spec), "cpu")) for spec in args.checkpoints]
-    columns = [describe(checkpoint, args.data) for _, checkpoint in loaded]
-    print("| | " + " | ".join(f"`{spec}`" for spec, _ in loaded) + " |")
-    print("| --- |" + " --- |" * len(columns))
-    for key in columns[0]:
-        print(f"| {key} | " + " | ".join(column[key] for column in columns) + " |")
-    if args.phases:
-        for spec, checkpoint in loaded:
-            print(f"\n`{spec}`\n" + phase_report(checkpoint, args.data))
-    if args.zoom:
-        zoom_figure(loaded, args.data, args.zoom)
+    with torch.no_grad():  # a context, not set_grad_enabled(False): callers in the same process keep autograd
+        loaded = [(spec, load_checkpoint(resolve_checkpoint(spec), "cpu")) for spec in args.checkpoints]
+        columns = [describe(checkpoint, args.data) for _, checkpoint in loaded]
+        print("| | " + " | ".join(f"`{spec}`" for spec, _ in loaded) + " |")
+        print("| --- |" + " --- |" * len(columns))
+        for key in columns[0]:
+            print(f"| {key} | " + " | ".join(column[key] for column in columns) + " |")
+        if args.phases:
+            for spec, checkpoint in loaded:
+                print(f"\n`{spec}`\n" + phase_report(checkpoint, args.data))
+        if args.zoom:
+            zoom_figure(loaded, args.data, args.zoom)
     return 0
 
 

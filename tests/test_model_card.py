@@ -40,6 +40,7 @@ def test_phase_report_on_the_bundled_model_matches_vqtok_evaluate(
         Image.fromarray(pixels).resize((96, 64), Image.Resampling.LANCZOS).save(tmp_path / "heldout" / f"{name}.png")
     Image.fromarray(coffee).resize((64, 64)).save(tmp_path / "train" / "coffee.png")
     assert model_card.main(["default", "--data", str(tmp_path), "--phases"]) == 0
+    assert torch.is_grad_enabled()  # the report leaves autograd as it found it for the rest of the process
     output = capsys.readouterr().out
     grids = re.findall(r"max/min: all 4x4 phases ([0-9.]+), 2x2 stage phases ([0-9.]+), 4x4 without", output)
     assert len(grids) == 2, output  # reconstructions, then originals
