@@ -139,10 +139,11 @@ class NetworkConfig(_StrictFields):
       num_residual_hiddens: seed only: channels inside each residual block.
       num_residual_layers: seed only: residual blocks in each residual stack.
       upsample: seed only: how the decoder doubles the resolution at each stage. "transposed" (the seed's):
-        4x4 stride-2 transposed convolutions, whose kernels overlap unevenly and can print a checkerboard at
-        the stage periods. "resize": nearest-neighbour doubling followed by a 3x3 convolution (Odena et al.
-        2016, "Deconvolution and checkerboard artifacts"; what the VQGAN family always does), which has no
-        uneven overlap, but whose duplicated pixel pairs still differ from the steps between pairs.
+        4x4 stride-2 transposed convolutions: each of the 2x2 output phases sums its own taps of the kernel,
+        so they print a checkerboard at the stage periods unless training balances the taps. "resize":
+        nearest-neighbour doubling followed by a 3x3 convolution (Odena et al. 2016, "Deconvolution and
+        checkerboard artifacts"; what the VQGAN family always does): every output pixel sees the same taps,
+        but a doubled pixel pair has no step inside it and the whole step between pairs.
         "bilinear": bilinear doubling followed by a 3x3 convolution: between and within the doubled pairs
         alike, a locally linear input gives the same step.
       embedding_dim: D, the channels the quantizer receives and returns (after the 1x1 projection from

@@ -32,8 +32,9 @@ def test_shapes_for_every_downsample_factor(downsample: int, height: int, width:
 
 def test_resize_upsampling_has_no_checkerboard_where_transposed_convolutions_print_one() -> None:
     """A constant latent decodes to a constant image through nearest or bilinear doubling + 3x3 convs (away
-    from the zero-padded border), whatever the weights; 4x4 stride-2 transposed kernels overlap unevenly and print
-    a pattern at the stage period (Odena et al. 2016). The seed's keys and shapes are kept for "transposed"."""
+    from the zero-padded border), whatever the weights; each 2x2 output phase of a 4x4 stride-2 transposed
+    kernel sums its own taps, which print a pattern at the stage period (Odena et al. 2016). The seed's keys
+    and shapes are kept for "transposed"."""
     torch.manual_seed(0)
     constant = torch.ones(1, 8, 24, 24)  # (B, D, h, w): decodes to 96x96
     patterns = {}
@@ -45,6 +46,20 @@ def test_resize_upsampling_has_no_checkerboard_where_transposed_convolutions_pri
     assert max(patterns["resize"], patterns["bilinear"]) < 1e-5 < patterns["transposed"]
     assert [k for k in VQVAE(NetworkConfig(**TINY)).state_dict() if k.startswith("decoder.upsamples.0")] == [
         "decoder.upsamples.0.weight", "decoder.upsamples.0.bias"]
+
+
+def test_bilinear_doubling_gives_a_ramp_one_step_where_nearest_doubling_alternates() -> None:
+    """The doubling inside the decoder stages (before their 3x3 conv): a linear ramp of step 1 comes out of
+    the bilinear stage with step 1/2 between every pair of neighbours (away from the border), and out of the
+    nearest stage with steps 0 and 1 in turn, the 2-px pattern the model card measures."""
+    ramp = torch.arange(16.0).repeat(1, 1, 4, 1)  # (1, 1, 4, 16): x steps by 1
+    steps = {}
+    for upsample in ("resize", "bilinear"):
+        decoder = VQVAE(NetworkConfig(downsample=4, upsample=upsample, **TINY)).decoder
+        doubling = decoder.upsamples[0][0]  # the stage's resize, ahead of its convolution
+        steps[upsample] = doubling(ramp)[0, 0, 0].diff()[2:-2]  # (28,): interior horizontal steps
+    assert torch.allclose(steps["bilinear"], torch.full_like(steps["bilinear"], 0.5))
+    assert steps["resize"][0::2].abs().max() == 0 and torch.all(steps["resize"][1::2] == 1)
 
 
 @pytest.mark.parametrize(("downsample", "height", "width"), [(4, 30, 32), (8, 36, 40), (16, 32, 40)])
