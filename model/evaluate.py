@@ -173,17 +173,18 @@ class MetricAccumulator:
         }
 
 
-def evaluate_images(model: VQVAE, images: Iterable[torch.Tensor], batch_size: int = 16) -> tuple[dict, torch.Tensor]:
+def evaluate_images(model: VQVAE, images: Iterable[torch.Tensor], batch_size: int = 16) -> MetricAccumulator:
     """Metrics over ``images`` ((C, H, W) in [0, 1]); equal shapes are batched together.
 
-    Returns (metrics dict, per-code usage counts (K,)).
+    Returns the filled accumulator: ``.result()`` is the metrics dict, ``.counts`` the per-code usage (K,),
+    ``.grid_sums`` / ``.grid_sums_original`` / ``.grid_counts`` the per-phase gradient sums (f, f).
     """
     accumulator = MetricAccumulator(model.network.num_embeddings, period=model.network.downsample)
     for batch in _batches_of_equal_shape(images, batch_size):
         batch = batch.to(model.device)
         reconstruction, indices = reconstruct(model, batch)
         accumulator.add(batch, reconstruction, indices)
-    return accumulator.result(), accumulator.counts
+    return accumulator
 
 
 def _batches_of_equal_shape(images: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -199,9 +200,9 @@ def _batches_of_equal_shape(images: Iterable[torch.Tensor], batch_size: int) -> 
 
 
 def evaluate_spec(model: VQVAE, data: Any, split: str = "heldout", crop: int | None = None,
-                  batch_size: int = 16, seed: int = 0) -> tuple[dict, torch.Tensor]:
+                  batch_size: int = 16, seed: int = 0) -> tuple[dict, MetricAccumulator]:
     """Metrics of ``model`` on a data spec or an opened source (see ``model.data.build_dataset``): full
-    images or crops."""
+    images or crops. Returns (metrics dict naming the data, split and crop; the accumulator behind it)."""
     from vqtok.model import data as datasets  # deferred: the photo sources import scikit-image lazily
 
     if crop is None:
@@ -209,9 +210,10 @@ def evaluate_spec(model: VQVAE, data: Any, split: str = "heldout", crop: int | N
     else:
         dataset = datasets.build_dataset(data, crop, split, seed=seed)
         images = (dataset[i] for i in range(len(dataset)))
-    metrics, counts = evaluate_images(model, images, batch_size)
+    accumulator = evaluate_images(model, images, batch_size)
+    metrics = accumulator.result()
     metrics.update({"data": data if isinstance(data, str) else data.name, "split": split, "crop": crop})
-    return metrics, counts
+    return metrics, accumulator
 
 
 def default_split(checkpoint: Checkpoint, data: str) -> tuple[Any, str, str]:

@@ -332,9 +332,9 @@ def evaluate_heldout(model: VQVAE, heldout: Dataset, batch_size: int) -> tuple[d
     """Held-out crop metrics (see ``model.evaluate``) with the model in eval mode."""
     was_training = model.training
     model.eval()
-    metrics, counts = evaluate_images(model, (heldout[i] for i in range(len(heldout))), batch_size)
+    accumulator = evaluate_images(model, (heldout[i] for i in range(len(heldout))), batch_size)
     model.train(was_training)
-    return metrics, counts
+    return accumulator.result(), accumulator.counts
 
 
 class Trainer:

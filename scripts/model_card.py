@@ -27,15 +27,15 @@ from PIL import Image, ImageDraw
 
 from vqtok.model import data as datasets
 from vqtok.model.checkpoint import Checkpoint, load_checkpoint
-from vqtok.model.evaluate import evaluate_spec, phase_gradients, reconstruct
+from vqtok.model.evaluate import MetricAccumulator, evaluate_spec, reconstruct
 from vqtok.model.weights import resolve_checkpoint
 
 
-def describe(checkpoint: Checkpoint, data: str) -> dict[str, str]:
-    """One column of the table."""
+def describe(checkpoint: Checkpoint, data: str) -> tuple[dict[str, str], MetricAccumulator]:
+    """One column of the table, and the held-out measurements behind it (for ``phase_report``)."""
     network, provenance = checkpoint.network, checkpoint.record.provenance
     training = (provenance.training if provenance else None) or {}
-    metrics, _ = evaluate_spec(checkpoint.model, data, "heldout")
+    metrics, accumulator = evaluate_spec(checkpoint.model, data, "heldout")
     side = 256 // network.downsample
     quantizer = network.quantizer + (", l2" if network.l2_normalize else "") + (
         f", code_dim {network.code_dim}" if network.code_dim else "")
@@ -57,7 +57,7 @@ def describe(checkpoint: Checkpoint, data: str) -> dict[str, str]:
         "training": f"{provenance.steps if provenance else '?'} steps x {training.get('batch_size', '?')} crops of "
                     f"{training.get('image_size', '?')}px",
         "training time": f"{wall:.0f} min on {hardware}",
-    }
+    }, accumulator
 
 
 def phase_spread(means: torch.Tensor) -> dict[str, float]:
@@ -71,19 +71,12 @@ def phase_spread(means: torch.Tensor) -> dict[str, float]:
             for name, values in (("all", means), ("stage", folded), ("code", residual))}
 
 
-def phase_report(checkpoint: Checkpoint, data: str) -> str:
-    """The grid measure taken apart by pixel phase (see the module docstring), as text."""
-    period = checkpoint.network.downsample
-    sums = torch.zeros(period, period, dtype=torch.float64)
-    sums_original, counts = torch.zeros_like(sums), torch.zeros_like(sums)
-    for _, image in datasets.iter_full_images(data, "heldout"):
-        reconstruction, _ = reconstruct(checkpoint.model, image[None])
-        phase_sums, phase_counts = phase_gradients(reconstruction, period)
-        sums, counts = sums + phase_sums, counts + phase_counts
-        sums_original += phase_gradients(image[None], period)[0]
+def phase_report(accumulator: MetricAccumulator) -> str:
+    """The grid measure of one evaluation taken apart by pixel phase (see the module docstring), as text."""
+    period = accumulator.period
     lines = []
-    for name, total in (("reconstructions", sums), ("originals", sums_original)):
-        means = total / counts  # (f, f): mean gradient per phase
+    for name, sums in (("reconstructions", accumulator.grid_sums), ("originals", accumulator.grid_sums_original)):
+        means = sums / accumulator.grid_counts  # (f, f): mean gradient per phase
         spread = phase_spread(means)
         lines.append(f"{name}: mean gradient x 1000 per phase (row = y mod {period}, column = x mod {period})")
         lines += ["  " + " ".join(f"{1000 * float(v):6.2f}" for v in row) for row in means]
@@ -123,14 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with torch.no_grad():  # a context, not set_grad_enabled(False): callers in the same process keep autograd
         loaded = [(spec, load_checkpoint(resolve_checkpoint(spec), "cpu")) for spec in args.checkpoints]
-        columns = [describe(checkpoint, args.data) for _, checkpoint in loaded]
+        described = [describe(checkpoint, args.data) for _, checkpoint in loaded]
+        columns = [column for column, _ in described]
         print("| | " + " | ".join(f"`{spec}`" for spec, _ in loaded) + " |")
         print("| --- |" + " --- |" * len(columns))
         for key in columns[0]:
             print(f"| {key} | " + " | ".join(column[key] for column in columns) + " |")
         if args.phases:
-            for spec, checkpoint in loaded:
-                print(f"\n`{spec}`\n" + phase_report(checkpoint, args.data))
+            for (spec, _), (_, accumulator) in zip(loaded, described, strict=True):
+                print(f"\n`{spec}`\n" + phase_report(accumulator))
         if args.zoom:
             zoom_figure(loaded, args.data, args.zoom)
     return 0
