@@ -28,6 +28,7 @@
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-sampled-4k  # `seed-entropy-sampled-4k` with 4,096 codes
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-4k  # ... with the term on the whole batch
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-gradient-4k  # `seed-k4096-entropy-4k` + the gradient term
+#   bash scripts/train_bundled_f8.sh seed-k4096-entropy-gradient-window20-4k  # ... restarts after 20 unused steps
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-3e-4-gradient-4k  # ... with the entropy term at 3e-4
 #   bash scripts/train_bundled_f8.sh seed-recipe-k4096-4k  # `seed-recipe-4k` with 4,096 codes (their baseline)
 # All with the same batch and data; 2,000 steps unless the name says otherwise.
@@ -104,6 +105,10 @@ case "${1:-vqgan}" in
   seed-k4096-entropy-gradient-4k) OUT=runs/seed-k4096-entropy-gradient-4k-f8
                                   ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
                                         --name vqtok-seed-f8-k4096-entropy-gradient-4k) ;;
+  seed-k4096-entropy-gradient-window20-4k) OUT=runs/seed-k4096-entropy-gradient-window20-4k-f8
+                                           ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
+                                                 --dead-code-window 20
+                                                 --name vqtok-seed-f8-k4096-entropy-gradient-window20-4k) ;;
   seed-k4096-entropy-3e-4-gradient-4k) OUT=runs/seed-k4096-entropy3e-4-gradient-4k-f8
                                        ARGS=(--entropy-weight 3e-4 --entropy-temperature 0.1 --entropy-batch-weight 4
                                              "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
@@ -111,7 +116,7 @@ case "${1:-vqgan}" in
   seed-recipe-k4096-4k) OUT=runs/seed-recipe-k4096-4k-f8
                         ARGS=(--dead-code-window 0 --steps 4000 --num-embeddings 4096
                               --name vqtok-seed-recipe-f8-k4096-4k) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled|seed-bilinear-entropy-sampled-gradient-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-l2|seed-plain-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-k4096-entropy-gradient-4k|seed-k4096-entropy-3e-4-gradient-4k|seed-recipe-k4096-4k" >&2
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled|seed-bilinear-entropy-sampled-gradient-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-l2|seed-plain-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-k4096-entropy-gradient-4k|seed-k4096-entropy-gradient-window20-4k|seed-k4096-entropy-3e-4-gradient-4k|seed-recipe-k4096-4k" >&2
      exit 2 ;;
 esac
 RESUME=()
