@@ -21,6 +21,7 @@
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-8k  # ... for 8,000 steps
 #   bash scripts/train_bundled_f8.sh seed-entropy-3e-4-sampled-4k  # the sampled term at weight 3e-4, 4,000 steps
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-gradient-4k  # `seed-entropy-sampled-4k` + the gradient term
+#   bash scripts/train_bundled_f8.sh seed-entropy-sampled-gradient-window20-4k  # ... restarts after 20 unused steps
 #   bash scripts/train_bundled_f8.sh seed-l2  # `seed` with LlamaGen's codes: l2-normalised, searched in 8 dimensions
 #                                            # (--code-dim 8), k-means init, restarts after 20 unused steps
 #   bash scripts/train_bundled_f8.sh seed-plain-l2  # `seed-l2` with the gradient codebook (--quantizer plain)
@@ -90,6 +91,10 @@ case "${1:-vqgan}" in
   seed-entropy-sampled-gradient-4k) OUT=runs/seed-entropy-sampled-gradient-4k-f8
                                     ARGS=("${ENTROPY[@]}" --entropy-sample 512 "${GRADIENT[@]}" --steps 4000
                                           --name vqtok-seed-f8-k8192-entropy-sampled-gradient-4k) ;;
+  seed-entropy-sampled-gradient-window20-4k) OUT=runs/seed-entropy-sampled-gradient-window20-4k-f8
+                                             ARGS=("${ENTROPY[@]}" --entropy-sample 512 "${GRADIENT[@]}" --steps 4000
+                                                   --dead-code-window 20
+                                                   --name vqtok-seed-f8-k8192-entropy-sampled-gradient-window20-4k) ;;
   seed-l2) OUT=runs/seed-l2-f8; ARGS=(--l2-normalize --code-dim 8 --kmeans-init --dead-code-window 20
                                       --name vqtok-seed-f8-k8192-l2-code8) ;;
   seed-plain-l2) OUT=runs/seed-plain-l2-f8; ARGS=(--quantizer plain --l2-normalize --code-dim 8 --kmeans-init
@@ -116,7 +121,7 @@ case "${1:-vqgan}" in
   seed-recipe-k4096-4k) OUT=runs/seed-recipe-k4096-4k-f8
                         ARGS=(--dead-code-window 0 --steps 4000 --num-embeddings 4096
                               --name vqtok-seed-recipe-f8-k4096-4k) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled|seed-bilinear-entropy-sampled-gradient-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-l2|seed-plain-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-k4096-entropy-gradient-4k|seed-k4096-entropy-gradient-window20-4k|seed-k4096-entropy-3e-4-gradient-4k|seed-recipe-k4096-4k" >&2
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled|seed-bilinear-entropy-sampled-gradient-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-entropy-sampled-gradient-window20-4k|seed-l2|seed-plain-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-k4096-entropy-gradient-4k|seed-k4096-entropy-gradient-window20-4k|seed-k4096-entropy-3e-4-gradient-4k|seed-recipe-k4096-4k" >&2
      exit 2 ;;
 esac
 RESUME=()
