@@ -366,12 +366,6 @@ class CodebookTrainingConfig(_StrictFields):
         latent vectors, drawn anew each step (0, the default: all of them). Its cost grows with N x K (on one
         CPU thread, 2,048 vectors x 8,192 codes made a step about 3 times slower); 512 computes a quarter of
         it. The batch term then sees fewer vectors: it still pushes them apart, over fewer codes per step.
-      entropy_marginal_decay: 0 (default): the batch term is the entropy of the batch's own mean assignment.
-        In (0, 1): its cross-entropy against a running average of the mean assignments with this decay (0.99:
-        about the last 100 steps), so it pushes latents towards the codes rare over many steps, not only in
-        this batch. A batch of N vectors can only spread over N codes: with K > N (2,048 vectors, or 512 with
-        ``entropy_sample``, against K = 8,192) its own entropy cannot tell a code rare for a long time from
-        one that merely misses this batch. Each process keeps its own average; --resume restores it.
     """
 
     commitment_cost: float = 0.25
@@ -386,7 +380,6 @@ class CodebookTrainingConfig(_StrictFields):
     entropy_temperature: float = 0.1
     entropy_batch_weight: float = 4.0
     entropy_sample: int = 0
-    entropy_marginal_decay: float = 0.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of range."""
@@ -412,12 +405,6 @@ class CodebookTrainingConfig(_StrictFields):
             raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
         if self.entropy_sample < 0:
             raise ValueError(f"entropy_sample must be >= 0 (0: every vector), got {self.entropy_sample}")
-        if not 0.0 <= self.entropy_marginal_decay < 1.0:
-            raise ValueError(f"entropy_marginal_decay must be in [0, 1) (0: the batch's own marginal), "
-                             f"got {self.entropy_marginal_decay}")
-        if self.entropy_marginal_decay > 0 and self.entropy_weight == 0:
-            raise ValueError("entropy_marginal_decay shapes the entropy regulariser, which is off: set entropy_weight "
-                             "> 0 too, or leave entropy_marginal_decay at 0")
 
     def check_network(self, network: NetworkConfig) -> None:
         """Raise ``ValueError`` if a setting needs a quantizer kind ``network`` does not have."""

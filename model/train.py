@@ -426,9 +426,6 @@ class Trainer:
         self.batches_into_epoch = int(state.get("batches_into_epoch", 0))
         if "batches_into_epoch" not in state:  # older trainer states resumed at the next epoch
             self.epoch += 1
-        marginal = state.get("entropy_marginal")  # absent from older trainer states, None when the model has none
-        if marginal is not None:
-            self.model.quantizer.entropy_marginal.copy_(marginal)
         torch.set_rng_state(state["torch_rng"])
         cuda_rng = state.get("cuda_rng")
         if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
@@ -444,8 +441,6 @@ class Trainer:
             "batches_into_epoch": self.batches_into_epoch,
             "wall_time_s": self.previous_wall_time + time.perf_counter() - self.started,
             "torch_rng": torch.get_rng_state(),
-            # the entropy term's running marginal: training state outside the model's state dict
-            "entropy_marginal": getattr(self.model.quantizer, "entropy_marginal", None),
             "cuda_rng": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
         }
 

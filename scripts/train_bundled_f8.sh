@@ -22,8 +22,6 @@
 #   bash scripts/train_bundled_f8.sh seed-entropy-3e-4-sampled-4k  # the sampled term at weight 3e-4, 4,000 steps
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-gradient-4k  # `seed-entropy-sampled-4k` + the gradient term
 #   bash scripts/train_bundled_f8.sh seed-entropy-sampled-gradient-window20-4k  # ... restarts after 20 unused steps
-#   bash scripts/train_bundled_f8.sh seed-entropy-sampled-gradient-marginal-4k  # `seed-entropy-sampled-gradient-4k` with the
-#                                               # batch term against a running marginal (--entropy-marginal-decay 0.99)
 #   bash scripts/train_bundled_f8.sh seed-l2  # `seed` with LlamaGen's codes: l2-normalised, searched in 8 dimensions
 #                                            # (--code-dim 8), k-means init, restarts after 20 unused steps
 #   bash scripts/train_bundled_f8.sh seed-plain-l2  # `seed-l2` with the gradient codebook (--quantizer plain)
@@ -32,6 +30,7 @@
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-4k  # ... with the term on the whole batch
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-gradient-4k  # `seed-k4096-entropy-4k` + the gradient term
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-gradient-window20-4k  # ... restarts after 20 unused steps
+#   bash scripts/train_bundled_f8.sh seed-k4096-entropy-gradient-window20  # ... for 2,000 steps (beside the VQGAN run)
 #   bash scripts/train_bundled_f8.sh seed-k4096-entropy-3e-4-gradient-4k  # ... with the entropy term at 3e-4
 #   bash scripts/train_bundled_f8.sh seed-recipe-k4096-4k  # `seed-recipe-4k` with 4,096 codes (their baseline)
 #   bash scripts/train_bundled_f8.sh vqgan-k4096-entropy-gradient-window20  # the VQGAN family (the `vqgan` network,
@@ -99,10 +98,6 @@ case "${1:-vqgan}" in
                                              ARGS=("${ENTROPY[@]}" --entropy-sample 512 "${GRADIENT[@]}" --steps 4000
                                                    --dead-code-window 20
                                                    --name vqtok-seed-f8-k8192-entropy-sampled-gradient-window20-4k) ;;
-  seed-entropy-sampled-gradient-marginal-4k) OUT=runs/seed-entropy-sampled-gradient-marginal-4k-f8
-                                             ARGS=("${ENTROPY[@]}" --entropy-sample 512 --entropy-marginal-decay 0.99
-                                                   "${GRADIENT[@]}" --steps 4000
-                                                   --name vqtok-seed-f8-k8192-entropy-sampled-gradient-marginal-4k) ;;
   seed-l2) OUT=runs/seed-l2-f8; ARGS=(--l2-normalize --code-dim 8 --kmeans-init --dead-code-window 20
                                       --name vqtok-seed-f8-k8192-l2-code8) ;;
   seed-plain-l2) OUT=runs/seed-plain-l2-f8; ARGS=(--quantizer plain --l2-normalize --code-dim 8 --kmeans-init
@@ -122,6 +117,9 @@ case "${1:-vqgan}" in
                                            ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
                                                  --dead-code-window 20
                                                  --name vqtok-seed-f8-k4096-entropy-gradient-window20-4k) ;;
+  seed-k4096-entropy-gradient-window20) OUT=runs/seed-k4096-entropy-gradient-window20-f8
+                                        ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --num-embeddings 4096 --dead-code-window 20
+                                              --name vqtok-seed-f8-k4096-entropy-gradient-window20) ;;
   seed-k4096-entropy-3e-4-gradient-4k) OUT=runs/seed-k4096-entropy3e-4-gradient-4k-f8
                                        ARGS=(--entropy-weight 3e-4 --entropy-temperature 0.1 --entropy-batch-weight 4
                                              "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
@@ -134,7 +132,7 @@ case "${1:-vqgan}" in
                                                   --num-res-blocks 2 --mid-attention --norm-groups 8 --z-channels 64
                                                   "${ENTROPY[@]}" "${GRADIENT[@]}" --num-embeddings 4096 --dead-code-window 20
                                                   --name vqtok-vqgan-f8-k4096-entropy-gradient-window20) ;;
-  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled|seed-bilinear-entropy-sampled-gradient-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-entropy-sampled-gradient-window20-4k|seed-entropy-sampled-gradient-marginal-4k|seed-l2|seed-plain-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-k4096-entropy-gradient-4k|seed-k4096-entropy-gradient-window20-4k|seed-k4096-entropy-3e-4-gradient-4k|seed-recipe-k4096-4k|vqgan-k4096-entropy-gradient-window20" >&2
+  *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled|seed-bilinear-entropy-sampled-gradient-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-entropy-sampled-gradient-window20-4k|seed-l2|seed-plain-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-k4096-entropy-gradient-4k|seed-k4096-entropy-gradient-window20-4k|seed-k4096-entropy-gradient-window20|seed-k4096-entropy-3e-4-gradient-4k|seed-recipe-k4096-4k|vqgan-k4096-entropy-gradient-window20" >&2
      exit 2 ;;
 esac
 RESUME=()

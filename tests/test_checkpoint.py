@@ -246,7 +246,7 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
         # the seed decoder's upsampling (hashed only when set)
         "upsample",
         # the codebook-usage (entropy) regulariser: training-only
-        "entropy_weight", "entropy_temperature", "entropy_batch_weight", "entropy_sample", "entropy_marginal_decay",
+        "entropy_weight", "entropy_temperature", "entropy_batch_weight", "entropy_sample",
     }
     assert not network & training
     base = compute_model_id(TINY, "0" * 64)
@@ -281,7 +281,7 @@ def test_model_id_covers_every_network_field_and_no_training_only_field(trained:
     training_changes = {"commitment_cost": 0.5, "decay": 0.9, "epsilon": 1e-3, "dead_code_window": 5,
                         "dead_code_threshold": 0.5, "kmeans_init": True, "kmeans_iters": 3,
                         "kmeans_vectors_per_code": 20, "entropy_weight": 1e-3, "entropy_temperature": 0.5,
-                        "entropy_batch_weight": 1.0, "entropy_sample": 64, "entropy_marginal_decay": 0.9}
+                        "entropy_batch_weight": 1.0, "entropy_sample": 64}
     assert set(training_changes) == training
     before = load_checkpoint(trained).model_id
     _edit_fields(trained, training_changes)

@@ -24,7 +24,7 @@ from vqtok.model.config import CodebookTrainingConfig, NetworkConfig
 from vqtok.model.losses import gradient_loss
 from vqtok.model.options import dataclass_from_args
 from vqtok.model.quantizers import VectorQuantizer, VectorQuantizerEMA, codebook, nearest_code
-from vqtok.model.quantizers.entropy import cross_entropy_with_running_marginal, entropy_terms
+from vqtok.model.quantizers.entropy import entropy_terms
 from vqtok.model.train import TrainConfig, Trainer, build_parser
 from vqtok.model.train import main as train_main
 from vqtok.model.vqvae import VQVAE
@@ -149,58 +149,6 @@ def test_a_sampled_term_is_the_term_of_the_rows_drawn() -> None:
     assert whole(_as_latents(flat)).entropy_loss.item() == pytest.approx(every(_as_latents(flat)).entropy_loss.item())
 
 
-def test_the_running_marginal_term_is_the_cross_entropy_against_the_updated_average() -> None:
-    """``entropy_marginal_decay``: the batch term against m = decay m + (1 - decay) mean_i p_i, step after step."""
-    torch.manual_seed(3)
-    quantizer = VectorQuantizerEMA(16, 6, 0.25, dead_code_window=0, entropy_marginal_decay=0.9, **ENTROPY).train()
-    marginal = torch.full((16,), 1 / 16, dtype=torch.float64)  # uniform before the first step
-    assert torch.equal(quantizer.entropy_marginal, marginal.float())
-    for step in range(2):
-        flat = torch.randn(40, 6) + step  # two different batches
-        before = quantizer.codebook.detach().clone()
-        out = quantizer(_as_latents(flat))
-        nearest = before[nearest_code(flat, before)]
-        scale = float((flat - nearest).pow(2).sum(dim=1).mean())
-        distances = torch.cdist(flat.double(), before.double()).pow(2)
-        p = torch.softmax(-distances / (0.2 * scale), dim=1)
-        per_sample = torch.special.entr(p).sum(dim=1).mean()  # -p log p, 0 where p underflows to 0
-        marginal = 0.9 * marginal + 0.1 * p.mean(dim=0)
-        cross_entropy = -(p.mean(dim=0) * marginal.log()).sum()
-        expected = 1e-3 * (per_sample + 2.0 * (math.log(16) - cross_entropy))
-        assert out.entropy_loss is not None
-        assert out.entropy_loss.item() == pytest.approx(float(expected), rel=1e-4), step
-        assert torch.allclose(quantizer.entropy_marginal.double(), marginal, atol=1e-6), step
-    assert "entropy_marginal" not in quantizer.state_dict()  # training state: checkpoints keep their keys
-    quantizer.eval()(_as_latents(flat))
-    assert torch.allclose(quantizer.entropy_marginal.double(), marginal, atol=1e-6)  # serving never moves it
-
-
-def test_with_decay_0_the_running_marginal_term_has_the_batch_entropys_gradient() -> None:
-    """The cross-entropy against the batch's own marginal differs from its entropy by a constant per code,
-    which the softmax removes: the same gradient on the latents. A rare code of a running marginal pulls."""
-    torch.manual_seed(5)
-    codes = torch.randn(12, 4)
-    flat = torch.randn(30, 4, requires_grad=True)
-    scale = torch.tensor(1.0)
-    terms = entropy_terms(flat, codes, 0.5, scale)
-    (plain,) = torch.autograd.grad(terms.batch, flat)
-    crossed, updated = cross_entropy_with_running_marginal(entropy_terms(flat, codes, 0.5, scale),
-                                                           torch.full((12,), 1 / 12), 0.0)
-    assert crossed.batch.item() == pytest.approx(terms.batch.item(), rel=1e-6)  # the same value at decay 0
-    (through_marginal,) = torch.autograd.grad(crossed.batch, flat)
-    assert torch.allclose(through_marginal, plain, atol=1e-6)
-    assert torch.allclose(updated, terms.mean_assignment.detach())
-    # A marginal in which code 0 has been rare: maximising the term moves the batch's mass towards code 0.
-    rare = torch.full((12,), 1 / 11)
-    rare[0] = 1e-6
-    rare /= rare.sum()
-    pulled, _ = cross_entropy_with_running_marginal(entropy_terms(flat, codes, 0.5, scale), rare, 0.99)
-    (gradient,) = torch.autograd.grad(pulled.batch, flat)
-    with torch.no_grad():
-        stepped = entropy_terms(flat + 1e-2 * gradient, codes, 0.5, scale).mean_assignment
-    assert stepped[0] > terms.mean_assignment[0]
-
-
 def test_the_term_is_computed_only_in_training() -> None:
     torch.manual_seed(4)
     model = VQVAE(NetworkConfig(**TINY), CodebookTrainingConfig(**ENTROPY))
@@ -252,9 +200,6 @@ def test_the_gradient_term_equals_a_hand_computation_and_is_zero_for_identical_i
     ({"entropy_temperature": 0.0}, "entropy_temperature must be > 0, got 0.0"),
     ({"entropy_sample": -1}, "entropy_sample must be >= 0 \\(0: every vector\\), got -1"),
     ({"entropy_weight": "0.1"}, "entropy_weight must be a number"),
-    ({"entropy_weight": 1e-4, "entropy_marginal_decay": 1.0},
-     "entropy_marginal_decay must be in \\[0, 1\\) \\(0: the batch's own marginal\\), got 1.0"),
-    ({"entropy_marginal_decay": 0.99}, "entropy_marginal_decay shapes the entropy regulariser, which is off"),
 ])
 def test_bad_entropy_settings_are_refused_with_their_name(fields: dict, message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
@@ -284,15 +229,13 @@ def test_the_settings_round_trip_through_a_checkpoint_and_stay_out_of_the_model_
 
 def test_flags_and_environment_variables_reach_the_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("VQTOK_MODEL_ENTROPY_WEIGHT", "VQTOK_MODEL_ENTROPY_TEMPERATURE", "VQTOK_MODEL_ENTROPY_BATCH_WEIGHT",
-                 "VQTOK_MODEL_ENTROPY_SAMPLE", "VQTOK_MODEL_ENTROPY_MARGINAL_DECAY",
-                 "VQTOK_TRAIN_GRADIENT_LOSS_WEIGHT"):
+                 "VQTOK_MODEL_ENTROPY_SAMPLE", "VQTOK_TRAIN_GRADIENT_LOSS_WEIGHT"):
         monkeypatch.delenv(name, raising=False)
     args = build_parser().parse_args(["--entropy-weight", "0.002", "--entropy-temperature", "0.3",
                                       "--entropy-batch-weight", "3", "--entropy-sample", "512",
-                                      "--entropy-marginal-decay", "0.99", "--gradient-loss-weight", "0.1"])
+                                      "--gradient-loss-weight", "0.1"])
     assert dataclass_from_args(CodebookTrainingConfig, args) == CodebookTrainingConfig(
-        entropy_weight=0.002, entropy_temperature=0.3, entropy_batch_weight=3.0, entropy_sample=512,
-        entropy_marginal_decay=0.99)
+        entropy_weight=0.002, entropy_temperature=0.3, entropy_batch_weight=3.0, entropy_sample=512)
     assert dataclass_from_args(TrainConfig, args).gradient_loss_weight == 0.1
     monkeypatch.setenv("VQTOK_MODEL_ENTROPY_WEIGHT", "0.004")
     monkeypatch.setenv("VQTOK_TRAIN_GRADIENT_LOSS_WEIGHT", "0.5")
@@ -401,20 +344,3 @@ def test_a_short_run_uses_more_codes_with_the_entropy_term(quantizer: str) -> No
     # Observed: about 250 codes (perplexity ~200) on, 50 (perplexity ~10) off; the bounds leave wide margins.
     assert used_on >= 0.8 * 256 and used_on > 1.5 * used_off
     assert perplexity_on > 4 * perplexity_off
-
-
-def test_resume_restores_the_running_marginal(image_folder: Path, tmp_path: Path) -> None:
-    """The running marginal is outside the model's state dict: the trainer state carries it across --resume."""
-    from vqtok.model.train import load_trainer_state, save_trainer_state
-
-    settings = CodebookTrainingConfig(dead_code_window=0, entropy_marginal_decay=0.9, **ENTROPY)
-    trainer = _trainer(image_folder, tmp_path / "run", settings)
-    batches = trainer.batches()
-    for _ in range(2):
-        trainer.train_step(next(batches))
-    marginal = trainer.model.quantizer.entropy_marginal.clone()
-    assert not torch.allclose(marginal, torch.full_like(marginal, 1 / marginal.numel()))  # it has moved
-    save_trainer_state(tmp_path / "state.pt", trainer.trainer_state())
-    fresh = _trainer(image_folder, tmp_path / "fresh", settings)
-    fresh._restore(load_trainer_state(tmp_path / "state.pt"))
-    assert torch.equal(fresh.model.quantizer.entropy_marginal, marginal)

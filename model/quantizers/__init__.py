@@ -58,7 +58,6 @@ def build_quantizer(network: NetworkConfig, training: CodebookTrainingConfig) ->
         "entropy_temperature": training.entropy_temperature,
         "entropy_batch_weight": training.entropy_batch_weight,
         "entropy_sample": training.entropy_sample,
-        "entropy_marginal_decay": training.entropy_marginal_decay,
     }
     if network.quantizer == "ema":
         return VectorQuantizerEMA(

@@ -35,11 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.model.quantizers.base import Quantizer, QuantizerOutput
-from vqtok.model.quantizers.entropy import (
-    cross_entropy_with_running_marginal,
-    entropy_terms,
-    nearest_sq_distance_mean,
-)
+from vqtok.model.quantizers.entropy import entropy_terms, nearest_sq_distance_mean
 from vqtok.model.quantizers.search import kmeans, nearest_code
 
 
@@ -59,8 +55,6 @@ class CodebookQuantizer(Quantizer):
       entropy_temperature: T of its soft assignments, relative to the batch's quantisation error.
       entropy_batch_weight: weight of its batch term relative to the per-sample term.
       entropy_sample: compute it on a random subset of at most this many latent vectors per step (0: all).
-      entropy_marginal_decay: > 0 measures its batch term against a running marginal of the soft assignments
-        with this decay (``entropy.cross_entropy_with_running_marginal``); 0: against the batch's own.
     """
 
     def __init__(
@@ -77,7 +71,6 @@ class CodebookQuantizer(Quantizer):
         entropy_temperature: float = 0.1,
         entropy_batch_weight: float = 4.0,
         entropy_sample: int = 0,
-        entropy_marginal_decay: float = 0.0,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim)
         self.commitment_cost = commitment_cost
@@ -91,7 +84,6 @@ class CodebookQuantizer(Quantizer):
         self.entropy_temperature = entropy_temperature
         self.entropy_batch_weight = entropy_batch_weight
         self.entropy_sample = entropy_sample
-        self.entropy_marginal_decay = entropy_marginal_decay
         # Factorised codes: per-position linear maps (a 1x1 conv) around the search; absent (no state-dict keys)
         # when code_dim is 0, so the seed's checkpoints load unchanged.
         self.project_in: nn.Linear | None = nn.Linear(embedding_dim, code_dim) if code_dim else None
@@ -100,10 +92,6 @@ class CodebookQuantizer(Quantizer):
         self.register_buffer("steps_since_used", torch.zeros(num_embeddings, dtype=torch.long))
         # Whether the codebook has been initialised from data (k-means); True when kmeans_init is off.
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
-        # The running marginal of the entropy term's soft assignments (K,), uniform at first. Training state,
-        # not model state: outside the state dict (checkpoints stay the same), saved by the trainer for --resume.
-        self.register_buffer("entropy_marginal", torch.full((num_embeddings,), 1.0 / num_embeddings),
-                             persistent=False)
 
     # --- codebook storage, provided by subclasses -------------------------------------------------
     @property
@@ -242,10 +230,6 @@ class CodebookQuantizer(Quantizer):
         # A copy of the codes: this step's EMA update and restarts overwrite the codebook in place before the
         # backward pass, which needs the values the forward pass used (the copy keeps the plain codebook's graph).
         terms = entropy_terms(flat, self.codebook.clone(), self.entropy_temperature, scale)
-        if self.entropy_marginal_decay > 0:
-            terms, marginal = cross_entropy_with_running_marginal(terms, self.entropy_marginal,
-                                                                  self.entropy_marginal_decay)
-            self.entropy_marginal.copy_(marginal)
         return self.entropy_weight * terms.loss(self.num_embeddings, self.entropy_batch_weight)
 
     # --- codebook health ---------------------------------------------------------------------------

@@ -9,14 +9,6 @@ Minimising ``per_sample`` makes each assignment confident (the latent sits near 
 maximising ``batch`` spreads the batch over the whole codebook. ``log K`` is the largest ``batch`` can be, so
 both parts are >= 0 and 0 is the ideal (the constant changes no gradient).
 
-A running marginal (``cross_entropy_with_running_marginal``, the quantizers' ``entropy_marginal_decay``): with a
-batch of N vectors and K > N codes, ``batch`` cannot tell a code that has been rare for many steps from one that
-merely misses this batch: any spread over N codes scores the same. The batch term can then be measured against
-``m``, an exponential moving average of the batch marginals (``m <- decay m + (1 - decay) mean_i p_i``, ``m``'s
-past detached): ``batch = -sum_k (mean_i p_i)_k log m_k``, a cross-entropy whose gradient ``-log m_k`` pushes each
-latent towards the codes rare over the last ~1 / (1 - decay) steps. With decay 0 it is ``H(mean_i p_i)``, with the
-same gradients (they differ by a constant per code, which the softmax removes). It can exceed ``log K``.
-
 Scale: ``s`` is the batch's mean squared distance to the nearest code (the quantisation error, detached), so
 the temperature T is relative to it and means the same whatever the latents' magnitude and dimension: a code
 whose squared distance exceeds the nearest one's by ``s`` gets ``exp(-1 / T)`` times its probability.
@@ -53,18 +45,14 @@ class EntropyTerms:
 
     Attributes:
       per_sample: mean over the vectors of H(p_i), in [0, log K].
-      batch: H(mean_i p_i), the entropy of the batch's mean assignment, in [0, log K] (or, after
-        ``cross_entropy_with_running_marginal``, its cross-entropy against the running marginal).
-      mean_assignment: (K,) mean_i p_i, differentiable; sums to 1.
+      batch: H(mean_i p_i), the entropy of the batch's mean assignment, in [0, log K].
     """
 
     per_sample: torch.Tensor
     batch: torch.Tensor
-    mean_assignment: torch.Tensor
 
     def loss(self, num_codes: int, batch_weight: float) -> torch.Tensor:
-        """``per_sample + batch_weight * (log K - batch)``: 0 for confident assignments spread evenly over every
-        code; >= 0 unless ``batch`` is a cross-entropy against a running marginal."""
+        """``per_sample + batch_weight * (log K - batch)``: >= 0, 0 for confident assignments over every code."""
         return self.per_sample + batch_weight * (math.log(num_codes) - self.batch)
 
 
@@ -126,24 +114,4 @@ def entropy_terms(flat: torch.Tensor, codebook: torch.Tensor, temperature: float
     mean_p = sums[:k] / n  # (K,) the batch's mean soft assignment
     # xlogy would give an infinite gradient where a mean probability underflows to 0; the floor keeps it finite.
     batch = -(mean_p * mean_p.clamp_min(1e-30).log()).sum()
-    return EntropyTerms(per_sample=sums[k] / n, batch=batch, mean_assignment=mean_p)
-
-
-def cross_entropy_with_running_marginal(terms: EntropyTerms, marginal: torch.Tensor,
-                                        decay: float) -> tuple[EntropyTerms, torch.Tensor]:
-    """Replace ``terms.batch`` by the batch's cross-entropy against the updated running marginal.
-
-    Args:
-      terms: ``entropy_terms`` of this batch.
-      marginal: (K,) the running marginal before this batch (a distribution; no gradient flows into it).
-      decay: in [0, 1): the weight of the past; 0 makes this ``terms`` unchanged in value and gradient.
-
-    Returns:
-      The terms with ``batch = -sum_k q_k log m_k`` (q: this batch's mean assignment), and the updated (K,)
-      marginal ``m = decay * marginal + (1 - decay) * q``, detached: the caller stores it for the next batch.
-    """
-    mean_p = terms.mean_assignment
-    updated = decay * marginal.detach().float() + (1.0 - decay) * mean_p.detach()  # (K,), sums to 1
-    # d/dq_k of -sum_k q_k log m_k is -log m_k: larger for the codes that were rare over the past steps.
-    batch = -(mean_p * updated.clamp_min(1e-30).log()).sum()
-    return EntropyTerms(per_sample=terms.per_sample, batch=batch, mean_assignment=mean_p), updated
+    return EntropyTerms(per_sample=sums[k] / n, batch=batch)
