@@ -50,6 +50,8 @@ COMMON=(--data "$DATA" --downsample 8 --num-embeddings 8192 --steps 2000 --batch
         --crops-per-image 64 --augment --eval-every 250 --checkpoint-every 100 --heldout-crops 256)
 ENTROPY=(--entropy-weight 1e-4 --entropy-temperature 0.1 --entropy-batch-weight 4)
 GRADIENT=(--gradient-loss-weight 0.1)
+# The bundled f8-k4096's recipe, shared by its run and the two 2,000-step runs that compare the networks under it.
+K4096_RECIPE=("${ENTROPY[@]}" "${GRADIENT[@]}" --num-embeddings 4096 --dead-code-window 20)
 case "${1:-vqgan}" in
   vqgan) OUT=runs/vqgan-f8; ARGS=(--arch vqgan --num-hiddens 32 --channel-multipliers 1 2 2 4 --num-res-blocks 2
                                  --mid-attention --norm-groups 8 --z-channels 64 --embedding-dim 8 --l2-normalize
@@ -114,12 +116,10 @@ case "${1:-vqgan}" in
                                   ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
                                         --name vqtok-seed-f8-k4096-entropy-gradient-4k) ;;
   seed-k4096-entropy-gradient-window20-4k) OUT=runs/seed-k4096-entropy-gradient-window20-4k-f8
-                                           ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
-                                                 --dead-code-window 20
+                                           ARGS=("${K4096_RECIPE[@]}" --steps 4000
                                                  --name vqtok-seed-f8-k4096-entropy-gradient-window20-4k) ;;
   seed-k4096-entropy-gradient-window20) OUT=runs/seed-k4096-entropy-gradient-window20-f8
-                                        ARGS=("${ENTROPY[@]}" "${GRADIENT[@]}" --num-embeddings 4096 --dead-code-window 20
-                                              --name vqtok-seed-f8-k4096-entropy-gradient-window20) ;;
+                                        ARGS=("${K4096_RECIPE[@]}" --name vqtok-seed-f8-k4096-entropy-gradient-window20) ;;
   seed-k4096-entropy-3e-4-gradient-4k) OUT=runs/seed-k4096-entropy3e-4-gradient-4k-f8
                                        ARGS=(--entropy-weight 3e-4 --entropy-temperature 0.1 --entropy-batch-weight 4
                                              "${GRADIENT[@]}" --steps 4000 --num-embeddings 4096
@@ -130,8 +130,7 @@ case "${1:-vqgan}" in
   vqgan-k4096-entropy-gradient-window20) OUT=runs/vqgan-k4096-entropy-gradient-window20-f8
                                             ARGS=(--arch vqgan --num-hiddens 32 --channel-multipliers 1 2 2 4
                                                   --num-res-blocks 2 --mid-attention --norm-groups 8 --z-channels 64
-                                                  "${ENTROPY[@]}" "${GRADIENT[@]}" --num-embeddings 4096 --dead-code-window 20
-                                                  --name vqtok-vqgan-f8-k4096-entropy-gradient-window20) ;;
+                                                  "${K4096_RECIPE[@]}" --name vqtok-vqgan-f8-k4096-entropy-gradient-window20) ;;
   *) echo "usage: $0 vqgan|vqgan-fsq|seed|seed-balanced|seed-recipe|seed-fsq|seed-entropy|seed-gradient|seed-gradient-0.3|seed-entropy-gradient|seed-entropy-3e-4|seed-entropy-sampled|seed-entropy-sampled-4k|seed-resize-entropy-sampled|seed-bilinear-entropy-sampled|seed-bilinear-entropy-sampled-gradient-4k|seed-entropy-sampled-8k|seed-entropy-3e-4-sampled-4k|seed-entropy-sampled-gradient-4k|seed-entropy-sampled-gradient-window20-4k|seed-l2|seed-plain-l2|seed-recipe-4k|seed-k4096-entropy-sampled-4k|seed-k4096-entropy-4k|seed-k4096-entropy-gradient-4k|seed-k4096-entropy-gradient-window20-4k|seed-k4096-entropy-gradient-window20|seed-k4096-entropy-3e-4-gradient-4k|seed-recipe-k4096-4k|vqgan-k4096-entropy-gradient-window20" >&2
      exit 2 ;;
 esac
